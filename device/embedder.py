@@ -1,0 +1,250 @@
+"""``Embedder``: text in, L2-normalised EmbeddingGemma vectors out, on the device.
+
+Host side of every inference: prompt, tokenise, choose a bucket (or pack short
+texts together), look rows up in the memory-mapped table, run the graph, then
+MRL-truncate and re-normalise. The graph does the encoder, pooling, both Dense
+layers and the L2 norm.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, Optional, Sequence, Union
+
+import numpy as np
+
+from gemma_edge.errors import ArtifactError, EdgeTpuUnavailableError, InputError
+from gemma_edge.manifest import artifact_id, find_graph, graphs_for_role, load_manifest
+
+from .packing import bucket_inputs, pack_greedy
+from .runtime import GraphRunner, interpreter_api
+from .table import EmbeddingTable
+from .tokenizer import TextTokenizer
+
+log = logging.getLogger("gemma_edge.device")
+
+BACKENDS = ("auto", "cpu", "edgetpu")
+PRECISIONS = ("float", "int8", "full-int8")
+# precision -> graph role on the CPU interpreter
+CPU_ROLE = {"float": "float", "int8": "int8", "full-int8": "edgetpu"}
+Texts = Union[str, Sequence[str]]
+
+
+class Embedder:
+    """Embed texts with an exported EmbeddingGemma (see ``gemma-edge export``).
+
+    backend: "cpu" (TFLite on the CPU, XNNPACK), "edgetpu" (compiled graph on a
+    Coral device) or "auto" (Edge TPU if present and compiled for, else CPU).
+    precision: "float" (exact float32 export), "int8" (the fastest int8 graph for
+    the backend) or "full-int8" (the fully int8 Edge TPU graph; on the CPU this
+    emulates what the Edge TPU computes).
+    pack_tokens: short texts in one call are packed together into buckets of up
+    to this many tokens (block-diagonal attention); 0 disables packing.
+    """
+
+    def __init__(self, artifacts: Union[str, Path], backend: str = "auto",
+                 precision: str = "float", num_threads: Optional[int] = None,
+                 device: Optional[str] = None, pack_tokens: Optional[int] = None,
+                 verify_files: bool = False):
+        if backend not in BACKENDS:
+            raise InputError(f"backend {backend!r}: choose one of {', '.join(BACKENDS)}")
+        if precision not in PRECISIONS:
+            raise InputError(f"precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
+        self.art_dir = Path(artifacts)
+        self.manifest = load_manifest(self.art_dir, verify_hashes=verify_files)
+        model = self.manifest["model"]
+        self.hidden = int(model["hidden_size"])
+        self.output_dim = int(model["output_dim"])
+        self.mrl_dims = [int(d) for d in model["mrl_dims"]]
+        self.prompts: dict[str, str] = dict(self.manifest.get("prompts", {}))
+        self.precision = precision
+        self.num_threads = num_threads
+        self.device = device
+        self.tokenizer = TextTokenizer(self.art_dir, self.manifest["tokenizer"])
+        self._runners: dict[int, GraphRunner] = {}
+        self._interpreters: dict[str, Any] = {}
+        self.backend, self.graph_role, why = self._choose_backend(backend)
+        log.info("gemma-edge: %s backend, %s graph (%s)", self.backend, self.graph_role, why)
+        graphs = graphs_for_role(self.manifest, self.graph_role)
+        self.slots = int(graphs[0]["pool_slots"])
+        self.buckets = sorted({int(s) for g in graphs for s in (g.get("seq_lens") or [g["seq_len"]])})
+        self.max_tokens = self.buckets[-1]
+        self.pack_tokens = min(self.max_tokens, 256 if pack_tokens is None else int(pack_tokens))
+        table_kind = "float" if self.graph_role == "float" else "int8"
+        tables = self.manifest["embedding_tables"]
+        self.table = EmbeddingTable(self.art_dir, tables.get(table_kind) or tables["float"])
+
+    # -- backend selection -------------------------------------------------------------
+    def _choose_backend(self, backend: str) -> tuple[str, str, str]:
+        compiled = graphs_for_role(self.manifest, "edgetpu-compiled")
+        if backend in ("auto", "edgetpu") and self.precision != "float":
+            if not compiled:
+                if backend == "edgetpu":
+                    raise ArtifactError(f"{self.art_dir}: no compiled Edge TPU graph; run "
+                                        "`gemma-edge compile` on the workstation first")
+                reason = "no compiled Edge TPU graph in the artifacts"
+            else:
+                try:
+                    self._open_edgetpu(compiled[0])
+                    return "edgetpu", "edgetpu-compiled", "Edge TPU found"
+                except EdgeTpuUnavailableError as exc:
+                    if backend == "edgetpu":
+                        raise
+                    reason = str(exc).split(" (")[0]
+        elif backend == "edgetpu":
+            raise InputError("precision='float' cannot run on the Edge TPU (8-bit only); use "
+                             "precision='int8' or backend='cpu'")
+        else:
+            reason = "requested" if backend == "cpu" else "float precision runs on the CPU"
+        role = CPU_ROLE[self.precision]
+        if not graphs_for_role(self.manifest, role):
+            raise ArtifactError(f"{self.art_dir}: no {role!r} graph for precision "
+                                f"{self.precision!r}; re-export with a gemma-edge version "
+                                "that builds it (`gemma-edge export` makes every graph)")
+        return "cpu", role, reason
+
+    def _open_edgetpu(self, graph: dict[str, Any]) -> Any:
+        from .edgetpu import make_edgetpu_interpreter
+
+        path = graph["path"]
+        if path not in self._interpreters:
+            self._interpreters[path] = make_edgetpu_interpreter(
+                self.art_dir / path, device=self.device, num_threads=self.num_threads)
+        return self._interpreters[path]
+
+    def _open_cpu(self, graph: dict[str, Any]) -> Any:
+        path = graph["path"]
+        if path not in self._interpreters:
+            Interpreter, _, _ = interpreter_api()
+            try:
+                self._interpreters[path] = Interpreter(
+                    model_path=str(self.art_dir / path), num_threads=self.num_threads)
+            except (ValueError, RuntimeError) as exc:
+                hint = (" It is compiled for the Edge TPU; run it with backend='edgetpu'."
+                        if "edgetpu-custom-op" in str(exc) else "")
+                raise ArtifactError(f"{self.art_dir / path}: the TFLite runtime cannot load "
+                                    f"it ({str(exc).strip()}).{hint}") from exc
+        return self._interpreters[path]
+
+    def runner(self, seq_len: int) -> GraphRunner:
+        if seq_len not in self._runners:
+            graph = find_graph(self.manifest, self.graph_role, seq_len)
+            if graph is None:
+                raise ArtifactError(f"no {self.graph_role} graph for {seq_len} tokens")
+            interp = (self._open_edgetpu(graph) if self.backend == "edgetpu"
+                      else self._open_cpu(graph))
+            signature = (graph.get("signatures") or {}).get(str(seq_len))
+            self._runners[seq_len] = GraphRunner(interp, signature, seq_len, self.hidden,
+                                                 self.slots)
+        return self._runners[seq_len]
+
+    # -- embedding ---------------------------------------------------------------------
+    @property
+    def artifact_id(self) -> str:
+        return artifact_id(self.manifest)
+
+    def bucket_for(self, n_tokens: int) -> int:
+        for b in self.buckets:
+            if n_tokens <= b:
+                return b
+        raise InputError(f"{n_tokens} tokens exceed the largest bucket {self.max_tokens}")
+
+    def plan(self, lengths: Sequence[int]) -> list[tuple[int, list[int]]]:
+        """(bucket, text indices) runs; short texts share a bucket when packing is on."""
+        if self.pack_tokens <= 0 or len(lengths) == 1 or self.slots == 1:
+            return [(self.bucket_for(n), [i]) for i, n in enumerate(lengths)]
+        long_ones = [i for i, n in enumerate(lengths) if n > self.pack_tokens]
+        short = [i for i, n in enumerate(lengths) if n <= self.pack_tokens]
+        runs = [(self.bucket_for(lengths[i]), [i]) for i in long_ones]
+        for group in pack_greedy([lengths[i] for i in short], self.pack_tokens, self.slots):
+            members = [short[k] for k in group]
+            runs.append((self.bucket_for(sum(lengths[i] for i in members)), members))
+        return runs
+
+    def embed_ids(self, token_ids: Sequence[Sequence[int]]) -> np.ndarray:
+        """Full-dimension embeddings [n, D] for already tokenised texts."""
+        out = np.zeros((len(token_ids), self.output_dim), dtype=np.float32)
+        lengths = [len(ids) for ids in token_ids]
+        for seq_len, members in self.plan(lengths):
+            rows = np.zeros((1, seq_len, self.hidden), dtype=np.float32)
+            start = 0
+            for i in members:
+                rows[0, start:start + lengths[i]] = self.table.lookup(token_ids[i])
+                start += lengths[i]
+            mask, pool = bucket_inputs([lengths[i] for i in members], seq_len, self.slots)
+            result = self.runner(seq_len).run(rows, mask, pool)
+            out[members] = result[:len(members)]
+        return out
+
+    def _check_dim(self, dim: Optional[int]) -> int:
+        if dim is None:
+            return self.output_dim
+        if dim not in self.mrl_dims:
+            raise InputError(f"dim {dim} is not supported: Matryoshka dims of this model are "
+                             f"{', '.join(map(str, self.mrl_dims))}")
+        return int(dim)
+
+    def encode(self, texts: Texts, prompt_name: Optional[str] = None,
+               prompt: Optional[str] = None, dim: Optional[int] = None) -> np.ndarray:
+        """float32 [n, dim] L2-normalised. ``prompt`` (literal) wins over ``prompt_name``.
+
+        An empty string is embedded as its prompt alone (as sentence-transformers
+        does); text longer than the largest bucket is truncated with a warning.
+        """
+        dim = self._check_dim(dim)
+        texts = _as_list(texts)
+        if prompt is None and prompt_name is not None:
+            if prompt_name not in self.prompts:
+                raise InputError(f"prompt {prompt_name!r} unknown; this model has "
+                                 f"{', '.join(sorted(self.prompts))}")
+            prompt = self.prompts[prompt_name]
+        if not texts:
+            return np.zeros((0, dim), dtype=np.float32)
+        full = [(prompt or "") + t for t in texts]
+        ids, truncated = self.tokenizer.encode(full, self.max_tokens)
+        if any(truncated):
+            log.warning("%d of %d texts exceed %d tokens and were truncated",
+                        sum(truncated), len(texts), self.max_tokens)
+        return truncate_dim(self.embed_ids(ids), dim)
+
+    def encode_query(self, texts: Texts, dim: Optional[int] = None) -> np.ndarray:
+        return self.encode(texts, prompt_name="query", dim=dim)
+
+    def encode_document(self, texts: Texts, dim: Optional[int] = None,
+                        title: Union[None, str, Sequence[Optional[str]]] = None) -> np.ndarray:
+        """Documents use EmbeddingGemma's "title: {title | none} | text: " prompt."""
+        texts = _as_list(texts)
+        if title is None or isinstance(title, str):
+            titles = [title] * len(texts)
+        else:
+            titles = list(title)
+            if len(titles) != len(texts):
+                raise InputError(f"{len(titles)} titles for {len(texts)} texts")
+        full = [f"title: {t or 'none'} | text: {x}" for t, x in zip(titles, texts)]
+        return self.encode(full, prompt="", dim=dim)
+
+    @staticmethod
+    def similarity(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        """Cosine similarity matrix [len(a), len(b)] of normalised embeddings."""
+        a, b = np.atleast_2d(a), np.atleast_2d(b)
+        if a.shape[1] != b.shape[1]:
+            raise InputError(f"dimension mismatch: {a.shape[1]} vs {b.shape[1]}")
+        return a @ b.T
+
+
+def truncate_dim(vectors: np.ndarray, dim: int) -> np.ndarray:
+    """Matryoshka truncation: keep the first ``dim`` values, then re-normalise."""
+    cut = np.ascontiguousarray(vectors[:, :dim], dtype=np.float32)
+    norms = np.linalg.norm(cut, axis=1, keepdims=True)
+    return cut / np.maximum(norms, 1e-12)
+
+
+def _as_list(texts: Texts) -> list[str]:
+    if isinstance(texts, str):
+        texts = [texts]
+    texts = list(texts)
+    bad = [i for i, t in enumerate(texts) if not isinstance(t, str)]
+    if bad:
+        raise InputError(f"texts must be strings; item {bad[0]} is {type(texts[bad[0]]).__name__}")
+    return texts

@@ -1,0 +1,130 @@
+"""Find a TFLite runtime and run one graph signature with quantised I/O handled.
+
+Runtimes are imported lazily and in order of preference, so this module imports
+anywhere (tests, a laptop without any runtime) and the failure is explained:
+
+- ``ai_edge_litert`` (LiteRT, pip ``ai-edge-litert``): laptops, x86/ARM Linux;
+- ``tflite_runtime`` (pip ``tflite-runtime`` or Coral's build): Coral Dev Board, Pi.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Callable, Optional, Sequence
+
+import numpy as np
+
+from gemma_edge.errors import ArtifactError, RuntimeMissingError
+
+log = logging.getLogger("gemma_edge.device")
+
+
+def interpreter_api() -> tuple[Any, Callable[..., Any], str]:
+    """(Interpreter class, load_delegate function, runtime name) of the first runtime found."""
+    errors = []
+    try:
+        from ai_edge_litert.interpreter import Interpreter, load_delegate
+
+        return Interpreter, load_delegate, "ai-edge-litert"
+    except ImportError as exc:
+        errors.append(f"ai_edge_litert: {exc}")
+    try:
+        from tflite_runtime.interpreter import Interpreter, load_delegate
+
+        return Interpreter, load_delegate, "tflite-runtime"
+    except ImportError as exc:
+        errors.append(f"tflite_runtime: {exc}")
+    raise RuntimeMissingError(
+        "no TFLite runtime found (" + "; ".join(errors) + "). Install one: "
+        "`pip install ai-edge-litert` (laptop, x86/ARM Linux) or `pip install tflite-runtime` "
+        "(Raspberry Pi, Coral Dev Board)")
+
+
+def quantize(x: np.ndarray, detail: dict[str, Any]) -> np.ndarray:
+    """float -> the tensor's int8/uint8 using its (scale, zero_point); float tensors pass."""
+    dtype = detail["dtype"]
+    if not np.issubdtype(dtype, np.integer):
+        return x.astype(dtype, copy=False)
+    scale, zero = detail["quantization"]
+    info = np.iinfo(dtype)
+    q = np.round(x / scale) + zero
+    return np.clip(q, info.min, info.max).astype(dtype)
+
+
+def dequantize(x: np.ndarray, detail: dict[str, Any]) -> np.ndarray:
+    if not np.issubdtype(x.dtype, np.integer):
+        return x.astype(np.float32, copy=False)
+    scale, zero = detail["quantization"]
+    return (x.astype(np.float32) - zero) * np.float32(scale)
+
+
+class GraphRunner:
+    """One encoder graph signature: ``run(embeddings, mask, pool) -> [S, D]`` float32.
+
+    Inputs are matched by shape rank and size rather than by name, because
+    edgetpu_compiler drops signature names and renames tensors.
+    """
+
+    INPUT_ORDER = ("embeddings", "mask", "pool")
+
+    def __init__(self, interpreter: Any, signature: Optional[str], seq_len: int,
+                 hidden: int, slots: int):
+        self.interpreter = interpreter
+        self.seq_len, self.hidden, self.slots = seq_len, hidden, slots
+        self._runner = None
+        if signature and signature in (interpreter.get_signature_list() or {}):
+            self._runner = interpreter.get_signature_runner(signature)
+            inputs = self._runner.get_input_details()
+            outputs = self._runner.get_output_details()
+            self._in_names = self._match(list(inputs.items()))
+            self._in_details = [inputs[n] for n in self._in_names]
+            self._out_detail = next(iter(outputs.values()))
+            self._out_name = next(iter(outputs))
+        else:
+            interpreter.allocate_tensors()
+            details = [(d["name"], d) for d in interpreter.get_input_details()]
+            names = self._match(details)
+            by_name = dict(details)
+            self._in_details = [by_name[n] for n in names]
+            outs = interpreter.get_output_details()
+            if len(outs) != 1:
+                raise ArtifactError(f"graph has {len(outs)} outputs, expected 1")
+            self._out_detail = outs[0]
+
+    def _match(self, details: Sequence[tuple[str, dict[str, Any]]]) -> list[str]:
+        want = {"embeddings": (1, self.seq_len, self.hidden),
+                "mask": (1, self.seq_len, self.seq_len),
+                "pool": (1, self.slots, self.seq_len)}
+        shapes = {name: tuple(int(s) for s in d["shape"]) for name, d in details}
+        found: dict[str, str] = {}
+        for name, shape in shapes.items():  # by name first (float and CPU int8 graphs keep them)
+            role = next((r for r in self.INPUT_ORDER if name.split(":")[0].endswith(r)), None)
+            if role and shape == want[role]:
+                found[role] = name
+        for name, shape in shapes.items():  # then by shape (edgetpu_compiler renames tensors)
+            if name in found.values():
+                continue
+            role = next((r for r in self.INPUT_ORDER if r not in found and shape == want[r]), None)
+            if role:
+                found[role] = name
+        missing = [r for r in self.INPUT_ORDER if r not in found]
+        if missing:
+            raise ArtifactError(f"graph inputs {sorted(shapes.values())} do not match bucket "
+                                f"{self.seq_len} (missing {missing}); the artifacts are "
+                                "inconsistent, re-export")
+        return [found[r] for r in self.INPUT_ORDER]
+
+    @property
+    def input_details(self) -> list[dict[str, Any]]:
+        return self._in_details
+
+    def run(self, embeddings: np.ndarray, mask: np.ndarray, pool: np.ndarray) -> np.ndarray:
+        arrays = [quantize(a, d) for a, d in zip((embeddings, mask, pool), self._in_details)]
+        if self._runner is not None:
+            out = self._runner(**dict(zip(self._in_names, arrays)))[self._out_name]
+        else:
+            for array, detail in zip(arrays, self._in_details):
+                self.interpreter.set_tensor(detail["index"], array)
+            self.interpreter.invoke()
+            out = self.interpreter.get_tensor(self._out_detail["index"])
+        return dequantize(out, self._out_detail).reshape(self.slots, -1)

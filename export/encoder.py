@@ -1,0 +1,265 @@
+"""An export-friendly PyTorch re-implementation of the EmbeddingGemma encoder.
+
+Why not convert ``transformers``' Gemma3 model directly: with litert-torch 0.10
+its attention converts wrongly (cosine 0.23 to PyTorch on one block, 0.20 for
+the whole model) and PT2E cannot trace it. This module computes the same
+function with ops that convert exactly:
+
+- the token-embedding lookup stays on the host (the 262144 x 768 table is 805 MB
+  in float32; the device memory-maps it), so the graph starts from embedding rows;
+- attention is written per head with plain matmuls and an *additive* bias built
+  from a 0/1 visibility mask input (no boolean ops, no -inf);
+- RoPE cos/sin tables and the sliding-window band are constants per bucket;
+- RMSNorm gains (1 + w) and the 1/sqrt(query_pre_attn_scalar) score scale are
+  folded into constants.
+
+Graph signature for a bucket of T tokens and S pooling slots:
+    embeddings [1, T, H] float32   raw rows of the token-embedding table
+    mask       [1, T, T] float32   1 where query i may attend key j (padding, packing)
+    pool       [1, S, T] float32   1 where token t belongs to text s
+    -> embedding [1, S, D] float32, L2-normalised (all-zero for an empty slot)
+
+Mean pooling is a plain sum when no Dense layer has a bias: the final L2
+normalisation cancels the 1/n, and 0/1 pooling inputs quantise exactly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Optional, Sequence
+
+import torch
+from torch import nn
+
+from gemma_edge.errors import CheckpointError
+
+DEFAULT_MASK_PENALTY = 1.0e4  # exp(-1e4) == 0 in float32: exact masking, no -inf arithmetic
+
+
+@dataclass(frozen=True)
+class EncoderSpec:
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    layer_types: tuple[str, ...]
+    window_radius: int  # sliding layers see keys with |i - j| < window_radius
+    rope_theta_global: float
+    rope_theta_local: float
+    rms_eps: float
+    query_pre_attn_scalar: float
+    vocab_size: int
+
+    @property
+    def embed_scale(self) -> float:
+        # transformers keeps sqrt(hidden) as a float32 buffer; match its rounding.
+        return float(torch.tensor(self.hidden_size**0.5, dtype=torch.float32))
+
+    @classmethod
+    def from_config(cls, cfg: dict[str, Any]) -> EncoderSpec:
+        """Read a Gemma3 text ``config.json`` (transformers 4.5x or 5.x spelling)."""
+        n_layers = int(cfg["num_hidden_layers"])
+        layer_types = cfg.get("layer_types")
+        if not layer_types:
+            pattern = int(cfg.get("sliding_window_pattern", cfg.get("_sliding_window_pattern", 6)))
+            layer_types = ["sliding_attention" if (i + 1) % pattern else "full_attention"
+                           for i in range(n_layers)]
+        rope_params = cfg.get("rope_parameters") or {}
+        if "full_attention" in rope_params:
+            theta_global = rope_params["full_attention"].get("rope_theta", 1e6)
+            theta_local = rope_params.get("sliding_attention", {}).get("rope_theta", 1e4)
+            scaling = rope_params["full_attention"].get("rope_type", "default")
+        else:
+            theta_global = cfg.get("rope_theta", 1e6)
+            theta_local = cfg.get("rope_local_base_freq", 1e4)
+            scaling = (cfg.get("rope_scaling") or {}).get("rope_type", "default")
+        if scaling != "default":
+            raise CheckpointError(f"rope scaling {scaling!r} is not supported")
+        if cfg.get("attn_logit_softcapping") or cfg.get("final_logit_softcapping"):
+            raise CheckpointError("logit soft-capping is not supported (EmbeddingGemma has none)")
+        if cfg.get("hidden_activation", "gelu_pytorch_tanh") != "gelu_pytorch_tanh":
+            raise CheckpointError(f"activation {cfg.get('hidden_activation')!r} is not supported")
+        window = int(cfg.get("sliding_window") or 0)
+        # transformers turns the saved window W of a bidirectional Gemma3 into the exclusive
+        # radius W // 2 + 1 (Gemma3TextConfig.__init__): window 512 -> |i - j| < 257.
+        radius = window // 2 + 1 if window else 1 << 30
+        spec = cls(
+            hidden_size=int(cfg["hidden_size"]),
+            intermediate_size=int(cfg["intermediate_size"]),
+            num_layers=n_layers,
+            num_heads=int(cfg["num_attention_heads"]),
+            num_kv_heads=int(cfg["num_key_value_heads"]),
+            head_dim=int(cfg["head_dim"]),
+            layer_types=tuple(layer_types[:n_layers]),
+            window_radius=radius,
+            rope_theta_global=float(theta_global),
+            rope_theta_local=float(theta_local),
+            rms_eps=float(cfg.get("rms_norm_eps", 1e-6)),
+            query_pre_attn_scalar=float(cfg.get("query_pre_attn_scalar", cfg["head_dim"])),
+            vocab_size=int(cfg["vocab_size"]),
+        )
+        if spec.num_heads % spec.num_kv_heads or spec.head_dim % 2:
+            raise CheckpointError(f"{spec.num_heads} heads / {spec.num_kv_heads} KV heads / "
+                                  f"head_dim {spec.head_dim}: unsupported attention shape")
+        return spec
+
+
+def rope_tables(seq_len: int, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin [T, head_dim], computed in float32 the way transformers does."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+    pos = torch.arange(seq_len, dtype=torch.float32)
+    freqs = pos[:, None] @ inv_freq[None, :]
+    emb = torch.cat([freqs, freqs], dim=-1)
+    return emb.cos(), emb.sin()
+
+
+def band_bias(seq_len: int, radius: int, penalty: float) -> torch.Tensor:
+    idx = torch.arange(seq_len)
+    inside = (idx[:, None] - idx[None, :]).abs() < radius
+    return torch.where(inside, 0.0, -penalty).to(torch.float32)
+
+
+class RMSNorm(nn.Module):
+    """Gemma RMSNorm with the (1 + w) gain folded into one constant."""
+
+    def __init__(self, weight: torch.Tensor, eps: float, extra_scale: float = 1.0):
+        super().__init__()
+        self.gain = nn.Parameter((1.0 + weight.float()) * extra_scale, requires_grad=False)
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.gain
+
+
+def _linear(weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> nn.Linear:
+    layer = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None)
+    layer.weight = nn.Parameter(weight.float().contiguous(), requires_grad=False)
+    if bias is not None:
+        layer.bias = nn.Parameter(bias.float().contiguous(), requires_grad=False)
+    return layer
+
+
+class EncoderLayer(nn.Module):
+    def __init__(self, spec: EncoderSpec, sd: dict[str, torch.Tensor], prefix: str):
+        super().__init__()
+        eps, hd = spec.rms_eps, spec.head_dim
+        self.num_heads, self.num_kv, self.head_dim = spec.num_heads, spec.num_kv_heads, hd
+        self.input_norm = RMSNorm(sd[prefix + "input_layernorm.weight"], eps)
+        self.post_attn_norm = RMSNorm(sd[prefix + "post_attention_layernorm.weight"], eps)
+        self.pre_ff_norm = RMSNorm(sd[prefix + "pre_feedforward_layernorm.weight"], eps)
+        self.post_ff_norm = RMSNorm(sd[prefix + "post_feedforward_layernorm.weight"], eps)
+        # The score scale 1/sqrt(query_pre_attn_scalar) rides on the query norm's gain.
+        self.q_norm = RMSNorm(sd[prefix + "self_attn.q_norm.weight"], eps,
+                              spec.query_pre_attn_scalar**-0.5)
+        self.k_norm = RMSNorm(sd[prefix + "self_attn.k_norm.weight"], eps)
+        self.q_proj = _linear(sd[prefix + "self_attn.q_proj.weight"])
+        self.k_proj = _linear(sd[prefix + "self_attn.k_proj.weight"])
+        self.v_proj = _linear(sd[prefix + "self_attn.v_proj.weight"])
+        self.o_proj = _linear(sd[prefix + "self_attn.o_proj.weight"])
+        self.gate_proj = _linear(sd[prefix + "mlp.gate_proj.weight"])
+        self.up_proj = _linear(sd[prefix + "mlp.up_proj.weight"])
+        self.down_proj = _linear(sd[prefix + "mlp.down_proj.weight"])
+
+    def _rope(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        half = self.head_dim // 2
+        rotated = torch.cat([-x[:, half:], x[:, :half]], dim=-1)
+        return x * cos + rotated * sin
+
+    def attention(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                  bias: torch.Tensor) -> torch.Tensor:
+        hd, group = self.head_dim, self.num_heads // self.num_kv
+        q, k, v = self.q_proj(h), self.k_proj(h), self.v_proj(h)
+        keys, values = [], []
+        for g in range(self.num_kv):
+            k_g = self._rope(self.k_norm(k[:, g * hd:(g + 1) * hd]), cos, sin)
+            keys.append(k_g.transpose(0, 1))
+            values.append(v[:, g * hd:(g + 1) * hd])
+        heads = []
+        for i in range(self.num_heads):
+            q_i = self._rope(self.q_norm(q[:, i * hd:(i + 1) * hd]), cos, sin)
+            scores = q_i @ keys[i // group] + bias
+            heads.append(torch.softmax(scores, dim=-1) @ values[i // group])
+        return self.o_proj(torch.cat(heads, dim=-1))
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                bias: torch.Tensor) -> torch.Tensor:
+        x = x + self.post_attn_norm(self.attention(self.input_norm(x), cos, sin, bias))
+        h = self.pre_ff_norm(x)
+        mlp = self.down_proj(nn.functional.gelu(self.gate_proj(h), approximate="tanh")
+                             * self.up_proj(h))
+        return x + self.post_ff_norm(mlp)
+
+
+class EncoderCore(nn.Module):
+    """All weights, shared by every bucket's graph (one copy in a multi-signature file)."""
+
+    def __init__(self, spec: EncoderSpec, state_dict: dict[str, torch.Tensor],
+                 dense: Sequence[Any]):
+        super().__init__()
+        self.spec = spec
+        try:
+            self.layers = nn.ModuleList(
+                EncoderLayer(spec, state_dict, f"layers.{i}.") for i in range(spec.num_layers))
+            self.final_norm = RMSNorm(state_dict["norm.weight"], spec.rms_eps)
+        except KeyError as exc:
+            raise CheckpointError(f"model.safetensors: tensor {exc} missing") from exc
+        self.dense = nn.ModuleList(_linear(d.weight, d.bias) for d in dense)
+        self.dense_has_bias = any(d.bias is not None for d in dense)
+
+
+class BucketEncoder(nn.Module):
+    """The encoder for one fixed sequence length: constants for T, weights from the core."""
+
+    def __init__(self, core: EncoderCore, seq_len: int,
+                 mask_penalty: float = DEFAULT_MASK_PENALTY):
+        super().__init__()
+        self.core = core
+        self.seq_len = seq_len
+        self.mask_penalty = mask_penalty
+        spec = core.spec
+        self.is_sliding = [t == "sliding_attention" for t in spec.layer_types]
+        for name, theta in (("global", spec.rope_theta_global), ("local", spec.rope_theta_local)):
+            cos, sin = rope_tables(seq_len, spec.head_dim, theta)
+            self.register_buffer(f"cos_{name}", cos, persistent=False)
+            self.register_buffer(f"sin_{name}", sin, persistent=False)
+        self.register_buffer("band", band_bias(seq_len, spec.window_radius, mask_penalty),
+                             persistent=False)
+        self.needs_band = any(self.is_sliding) and spec.window_radius < seq_len
+        self.embed_scale = spec.embed_scale
+
+    def forward(self, embeddings: torch.Tensor, mask: torch.Tensor,
+                pool: torch.Tensor) -> torch.Tensor:
+        core = self.core
+        x = embeddings[0] * self.embed_scale
+        bias_full = (mask[0] - 1.0) * self.mask_penalty
+        bias_local = bias_full + self.band if self.needs_band else bias_full
+        for layer, sliding in zip(core.layers, self.is_sliding):
+            if sliding:
+                x = layer(x, self.cos_local, self.sin_local, bias_local)
+            else:
+                x = layer(x, self.cos_global, self.sin_global, bias_full)
+        x = core.final_norm(x)
+        pooled = pool[0] @ x
+        if core.dense_has_bias:
+            pooled = pooled / torch.clamp(pool[0].sum(-1, keepdim=True), min=1e-9)
+        for dense in core.dense:
+            pooled = dense(pooled)
+        norm = torch.rsqrt(torch.clamp(pooled.pow(2).sum(-1, keepdim=True), min=1e-24))
+        return (pooled * norm).unsqueeze(0)
+
+
+def build_encoder(checkpoint: Any) -> tuple[EncoderCore, torch.Tensor]:
+    """(EncoderCore, token-embedding table) from a loaded ``export.checkpoint.Checkpoint``.
+
+    One pass over model.safetensors (1.2 GB for the real model) serves both.
+    """
+    spec = EncoderSpec.from_config(checkpoint.config)
+    sd = checkpoint.state_dict()
+    if "embed_tokens.weight" not in sd:
+        raise CheckpointError(f"{checkpoint.weights_path}: no embed_tokens.weight tensor")
+    table = sd.pop("embed_tokens.weight")
+    core = EncoderCore(spec, sd, checkpoint.dense)
+    core.eval()
+    return core, table

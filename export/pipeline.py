@@ -1,0 +1,221 @@
+"""``gemma-edge export``: checkpoint -> verified artifacts directory.
+
+Steps: load and check the checkpoint; build the export-friendly encoder; write
+the token-embedding tables and tokenizer; convert the float graph; verify it
+through the device runtime against sentence-transformers; write manifest.json.
+Everything happens in a staging folder that replaces ``out`` only on success.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import logging
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import numpy as np
+from tqdm.auto import tqdm
+
+import gemma_edge
+from gemma_edge.errors import InputError, VerificationError
+from gemma_edge.manifest import (
+    FORMAT_VERSION,
+    MANIFEST_NAME,
+    atomic_write_json,
+    describe_files,
+    staged_directory,
+)
+
+from . import verify
+from .checkpoint import Checkpoint, load_checkpoint
+from .convert import convert_float, describe_io, write_npy
+from .encoder import DEFAULT_MASK_PENALTY, build_encoder
+
+log = logging.getLogger("gemma_edge.export")
+
+DEFAULT_BUCKETS = (64, 128, 256, 512)
+DEFAULT_POOL_SLOTS = 16
+FLOAT_MIN_COSINE = 0.9999
+
+
+@dataclass
+class ExportOptions:
+    buckets: Sequence[int] = DEFAULT_BUCKETS
+    pool_slots: int = DEFAULT_POOL_SLOTS
+    mask_penalty: float = DEFAULT_MASK_PENALTY
+    min_cosine: float = FLOAT_MIN_COSINE
+    mrl_dims: Sequence[int] = (768, 512, 256, 128)
+    quantize: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def validate(self) -> None:
+        buckets = sorted(set(int(b) for b in self.buckets))
+        if not buckets or buckets[0] < 8:
+            raise InputError(f"--seq-len {list(self.buckets)}: each bucket must be >= 8 tokens")
+        self.buckets = buckets
+        if self.pool_slots < 1:
+            raise InputError("--pool-slots must be >= 1")
+
+
+def mrl_dims_for(output_dim: int, requested: Sequence[int]) -> list[int]:
+    dims = sorted({output_dim} | {int(d) for d in requested if int(d) < output_dim}, reverse=True)
+    return dims
+
+
+def _write_tables(table: Any, out: Path, steps: tqdm) -> dict[str, Any]:
+    steps.set_description("writing token-embedding tables")
+    from gemma_edge.device.table import quantize_rows_int8
+
+    raw = table.numpy().astype(np.float32)
+    write_npy(out / "token_embeddings.f16.npy", raw.astype(np.float16))
+    q, scales = quantize_rows_int8(raw)
+    write_npy(out / "token_embeddings.i8.npy", q)
+    write_npy(out / "token_embeddings.i8_scales.npy", scales)
+    return {
+        "float": {"path": "token_embeddings.f16.npy", "dtype": "float16"},
+        "int8": {"path": "token_embeddings.i8.npy", "scales": "token_embeddings.i8_scales.npy",
+                 "dtype": "int8"},
+    }
+
+
+def _tokenizer_spec(ck: Checkpoint, out: Path, probe_texts: Sequence[str]) -> dict[str, Any]:
+    from tokenizers import Tokenizer
+
+    for name in ck.tokenizer_files:
+        shutil.copy2(ck.root / name, out / name)
+    fast = Tokenizer.from_file(str(ck.root / "tokenizer.json"))
+    with_special = fast.encode("a").ids
+    plain = fast.encode("a", add_special_tokens=False).ids
+    spec = {
+        "bos_id": fast.token_to_id("<bos>"), "eos_id": fast.token_to_id("<eos>"),
+        "pad_id": fast.token_to_id("<pad>"),
+        "add_bos": with_special[:1] == [fast.token_to_id("<bos>")] and plain[:1] != with_special[:1],
+        "add_eos": with_special[-1:] == [fast.token_to_id("<eos>")],
+        "files": list(ck.tokenizer_files),
+    }
+    agree, mismatches = verify.tokenizers_agree(ck.root, probe_texts)
+    if agree:
+        spec.update(kind="sentencepiece", file="tokenizer.model")
+    else:
+        if mismatches:
+            log.warning("sentencepiece differs from tokenizer.json on %d texts; the device "
+                        "will use tokenizer.json (more RAM)", mismatches)
+        spec.update(kind="tokenizers", file="tokenizer.json")
+    spec["sentencepiece_mismatches"] = mismatches
+    return spec
+
+
+def run_export(checkpoint: str, out: Path, options: Optional[ExportOptions] = None
+               ) -> dict[str, Any]:
+    options = options or ExportOptions()
+    options.validate()
+    started = time.time()
+    steps = tqdm(total=6, desc="loading checkpoint", unit="step", leave=True)
+    ck = load_checkpoint(checkpoint)
+    steps.update()
+    steps.set_description("building export encoder")
+    core, table = build_encoder(ck)
+    spec = core.spec
+    steps.update()
+    out = Path(out)
+    with staged_directory(out) as stage:
+        tables = _write_tables(table, stage, steps)
+        del table
+        steps.update()
+
+        texts = verify.SAMPLE_TEXTS + _corpus_probe_texts()
+        tok_spec = _tokenizer_spec(ck, stage, texts)
+        steps.set_description("converting float graph")
+        graphs = convert_float(core, options.buckets, options.pool_slots, stage,
+                               options.mask_penalty, progress=steps.set_description)
+        for g in graphs:
+            g["io"] = describe_io(stage / g["path"])
+        steps.update()
+
+        manifest = {
+            "format_version": FORMAT_VERSION,
+            "gemma_edge_version": gemma_edge.__version__,
+            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "source": {"checkpoint": str(checkpoint), "resolved": str(ck.root),
+                       "model_type": ck.config.get("model_type"),
+                       "weights_sha256": ck.weights_sha256()},
+            "model": {"hidden_size": spec.hidden_size, "output_dim": ck.output_dim,
+                      "num_layers": spec.num_layers, "vocab_size": spec.vocab_size,
+                      "embed_scale": spec.embed_scale, "window_radius": spec.window_radius,
+                      "mrl_dims": mrl_dims_for(ck.output_dim, options.mrl_dims),
+                      "dense_bias": core.dense_has_bias},
+            "buckets": list(options.buckets),
+            "prompts": ck.prompts,
+            "tokenizer": tok_spec,
+            "embedding_tables": tables,
+            "graphs": graphs,
+        }
+        _finalise(stage, manifest)
+
+        steps.set_description("verifying float graph vs sentence-transformers")
+        manifest["verification"] = {"float": verify_artifacts(stage, ck.root, "float",
+                                                              options.min_cosine)}
+        steps.update()
+        if options.quantize:
+            steps.set_description("quantising")
+            from .quantize import add_quantized_graphs
+
+            add_quantized_graphs(stage, manifest, core, ck, options)
+        steps.set_description("done")
+        manifest["export_seconds"] = round(time.time() - started, 1)
+        _finalise(stage, manifest)
+        steps.update()
+    steps.close()
+    return manifest
+
+
+def _finalise(stage: Path, manifest: dict[str, Any]) -> None:
+    names = sorted(p.name for p in stage.iterdir() if p.is_file() and p.name != MANIFEST_NAME)
+    manifest["files"] = describe_files(stage, names)
+    atomic_write_json(stage / MANIFEST_NAME, manifest)
+
+
+def _corpus_probe_texts() -> list[str]:
+    try:
+        from gemma_edge.datasets import load_calibration_corpus
+
+        return [row["text"] for row in load_calibration_corpus()]
+    except Exception:  # noqa: BLE001 - corpus is optional for the tokenizer probe
+        return []
+
+
+def verify_artifacts(art_dir: Path, checkpoint_dir: Path, precision: str,
+                     min_cosine: float, texts: Optional[Sequence[str]] = None) -> dict[str, Any]:
+    """Embed sample texts through the device runtime and compare with sentence-transformers.
+
+    Raises VerificationError when any text's cosine falls below ``min_cosine``
+    (float export) at the full dimension.
+    """
+    from gemma_edge.device import Embedder
+
+    emb = Embedder(art_dir, backend="cpu", precision=precision)
+    reference = verify.reference_model(checkpoint_dir, emb.max_tokens)
+    if texts is None:
+        def count(text: str) -> int:
+            return len(emb.tokenizer.encode([emb.prompts.get("document", "") + text],
+                                            10**6)[0][0])
+
+        texts = list(verify.SAMPLE_TEXTS) + verify.length_targeted_texts(count, emb.buckets)
+    result: dict[str, Any] = {"texts": len(texts)}
+    worst = 1.0
+    for prompt_name in ("query", "document"):
+        ours = emb.encode(texts, prompt_name=prompt_name)
+        theirs = verify.reference_embeddings(reference, texts, prompt_name)
+        stats = verify.cosine_stats(ours, theirs, emb.mrl_dims)
+        result[prompt_name] = stats
+        worst = min(worst, stats[str(emb.output_dim)]["min"])
+    result["min_cosine"] = worst
+    if precision == "float" and worst < min_cosine:
+        raise VerificationError(
+            f"float TFLite export disagrees with sentence-transformers: min cosine {worst:.6f} "
+            f"< {min_cosine} over {len(texts)} texts ({result}). The conversion is wrong; "
+            "nothing was written")
+    return result

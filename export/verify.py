@@ -1,0 +1,97 @@
+"""Numerical verification of an export against sentence-transformers.
+
+Every stage is checked against the reference the user would otherwise run
+(``SentenceTransformer(checkpoint).encode``): the PyTorch re-implementation, then
+the TFLite graph through the very device code path (``gemma_edge.device.Embedder``:
+tokenizer, memory-mapped table, bucketing, graph, MRL).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import numpy as np
+
+SAMPLE_TEXTS = [
+    "How do I reset my router to factory settings?",
+    "Die Katze schläft auf dem warmen Fensterbrett, während draußen der Regen fällt.",
+    "La réunion du conseil municipal a été reportée à jeudi prochain en raison de la grève.",
+    "¿Cuál es la mejor manera de conservar el pan fresco durante varios días?",
+    "東京の天気は明日から週末にかけて晴れる見込みです。",
+    "如何在Python中读取一个大型CSV文件而不耗尽内存？",
+    "Привет! Ты не знаешь, во сколько сегодня закрывается аптека на углу?",
+    "एक स्वस्थ जीवनशैली के लिए नियमित व्यायाम और संतुलित आहार आवश्यक है।",
+    "ما هي أفضل الأوقات لزيارة المتاحف في المدينة القديمة؟",
+    "SELECT name, COUNT(*) FROM orders GROUP BY name HAVING COUNT(*) > 3;",
+    "",
+]
+
+
+def length_targeted_texts(count_tokens: Any, buckets: Sequence[int]) -> list[str]:
+    """One text per bucket whose token count falls inside that bucket (not a smaller one)."""
+    base = ("Edge devices embed text locally so that private notes never leave the machine; "
+            "the encoder reads every token and the pooled vector is projected twice. ")
+    out, low = [], 0
+    for bucket in sorted(buckets):
+        target = (low + bucket) // 2 + 1
+        text = base
+        while count_tokens(text) < target:
+            text += base
+        words = text.split(" ")
+        while len(words) > 1 and count_tokens(" ".join(words)) > bucket - 12:
+            words = words[:-1]
+        if count_tokens(" ".join(words)) > low:
+            out.append(" ".join(words))
+        low = bucket
+    return out
+
+
+def reference_model(checkpoint_dir: Path, max_seq_len: int) -> Any:
+    from sentence_transformers import SentenceTransformer
+
+    model = SentenceTransformer(str(checkpoint_dir), device="cpu", local_files_only=True)
+    model.max_seq_length = max_seq_len
+    return model
+
+
+def reference_embeddings(model: Any, texts: Sequence[str], prompt_name: Optional[str]
+                         ) -> np.ndarray:
+    return model.encode(list(texts), prompt_name=prompt_name, convert_to_numpy=True,
+                        normalize_embeddings=True, batch_size=8, show_progress_bar=False)
+
+
+def cosine_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    a = a / np.maximum(np.linalg.norm(a, axis=1, keepdims=True), 1e-12)
+    b = b / np.maximum(np.linalg.norm(b, axis=1, keepdims=True), 1e-12)
+    return np.sum(a * b, axis=1)
+
+
+def cosine_stats(a: np.ndarray, b: np.ndarray, dims: Sequence[int]) -> dict[str, Any]:
+    """Per MRL dim: mean / min / 1st percentile of per-text cosine."""
+    from gemma_edge.device.embedder import truncate_dim
+
+    stats = {}
+    for dim in dims:
+        cos = cosine_rows(truncate_dim(a, dim), truncate_dim(b, dim))
+        stats[str(dim)] = {"mean": float(cos.mean()), "min": float(cos.min()),
+                           "p1": float(np.percentile(cos, 1)), "n": int(cos.size)}
+    return stats
+
+
+def tokenizers_agree(checkpoint_dir: Path, texts: Sequence[str]) -> tuple[bool, int]:
+    """Does sentencepiece (tokenizer.model) give the fast tokenizer's ids on ``texts``?"""
+    model_file = Path(checkpoint_dir) / "tokenizer.model"
+    if not model_file.is_file():
+        return False, 0
+    import sentencepiece as spm
+    from tokenizers import Tokenizer
+
+    sp = spm.SentencePieceProcessor(model_file=str(model_file))
+    fast = Tokenizer.from_file(str(Path(checkpoint_dir) / "tokenizer.json"))
+    fast.no_truncation()
+    mismatches = 0
+    for text, enc in zip(texts, fast.encode_batch(list(texts), add_special_tokens=False)):
+        if list(sp.encode(text)) != enc.ids:
+            mismatches += 1
+    return mismatches == 0, mismatches

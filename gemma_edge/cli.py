@@ -1,0 +1,201 @@
+"""``gemma-edge``: one console script, one subcommand per job.
+
+Heavy modules (torch, litert-torch) are imported inside the handlers, so the
+device-side subcommands (embed, bench, search, classify) start fast on a board.
+The CLI decides what is fatal: a GemmaEdgeError prints its message and exits
+with its code; anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence
+
+from .errors import GemmaEdgeError, InputError
+
+Handler = Callable[[argparse.Namespace], int]
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.replace(" ", "").split(",") if x]
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected comma-separated integers") from exc
+
+
+# -- export --------------------------------------------------------------------------------
+def _add_export(sub: Any) -> None:
+    p = sub.add_parser("export", help="checkpoint -> verified TFLite artifacts directory")
+    p.add_argument("--checkpoint", required=True,
+                   help="local sentence-transformers directory, or a hub id when online")
+    p.add_argument("--out", required=True, type=Path, help="artifacts directory to write")
+    p.add_argument("--seq-len", type=_int_list, default=None,
+                   help="bucket lengths in tokens (default 64,128,256,512)")
+    p.add_argument("--pool-slots", type=int, default=None,
+                   help="texts one graph run can pool (packing of short texts; default 16)")
+    p.add_argument("--no-quantize", action="store_true", help="float graph only")
+    p.set_defaults(func=_run_export)
+
+
+def _run_export(args: argparse.Namespace) -> int:
+    from .export.pipeline import ExportOptions, run_export
+
+    options = ExportOptions(quantize=not args.no_quantize)
+    if args.seq_len:
+        options.buckets = args.seq_len
+    if args.pool_slots:
+        options.pool_slots = args.pool_slots
+    manifest = run_export(args.checkpoint, args.out, options)
+    ver = manifest.get("verification", {})
+    print(f"wrote {args.out} in {manifest['export_seconds']} s")
+    for role, stats in ver.items():
+        print(f"  {role}: min cosine to sentence-transformers {stats['min_cosine']:.6f} "
+              f"over {stats['texts']} texts x 2 prompts")
+    return 0
+
+
+# -- embed ---------------------------------------------------------------------------------
+def _add_embed(sub: Any) -> None:
+    p = sub.add_parser("embed", help="embed texts from a file into a .npy matrix")
+    p.add_argument("--artifacts", required=True, type=Path)
+    p.add_argument("--input", required=True, type=Path,
+                   help="one text per line, or .jsonl with a 'text' field")
+    p.add_argument("--output", required=True, type=Path, help="where to write the .npy")
+    p.add_argument("--prompt", default="query",
+                   help="query | document | any prompt name of the model | none")
+    p.add_argument("--dim", type=int, default=None, help="Matryoshka dimension (768/512/256/128)")
+    _add_runtime_args(p)
+    p.set_defaults(func=_run_embed)
+
+
+def _add_runtime_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--backend", choices=("auto", "cpu", "edgetpu"), default="auto")
+    p.add_argument("--precision", choices=("float", "int8", "full-int8"), default="float")
+    p.add_argument("--threads", type=int, default=None, help="CPU interpreter threads")
+    p.add_argument("--device", default=None, help="Edge TPU device: ':0', 'usb', 'pci'")
+
+
+def read_texts(path: Path) -> list[str]:
+    """Texts from a .txt (one per line) or .jsonl ({"text": ...}) file."""
+    if not path.is_file():
+        raise InputError(f"{path}: no such file")
+    try:
+        content = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise InputError(f"{path}: not UTF-8 text ({exc})") from exc
+    if path.suffix == ".jsonl":
+        texts = []
+        for number, line in enumerate(content.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except ValueError as exc:
+                raise InputError(f"{path}:{number}: not JSON ({exc})") from exc
+            if not isinstance(row, dict) or not isinstance(row.get("text"), str):
+                raise InputError(f"{path}:{number}: expected an object with a string 'text'")
+            texts.append(row["text"])
+        return texts
+    return [line for line in content.splitlines() if line.strip()]
+
+
+def make_embedder(args: argparse.Namespace) -> Any:
+    from .device import Embedder
+
+    return Embedder(args.artifacts, backend=args.backend, precision=args.precision,
+                    num_threads=args.threads, device=args.device)
+
+
+def _run_embed(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from .manifest import atomic_write_bytes
+
+    texts = read_texts(args.input)
+    if not texts:
+        raise InputError(f"{args.input}: no texts")
+    if args.output.suffix != ".npy":
+        raise InputError(f"{args.output}: the output must end in .npy")
+    emb = make_embedder(args)
+    prompt_name = None if args.prompt == "none" else args.prompt
+    from tqdm.auto import tqdm
+
+    chunks = []
+    step = 64
+    for start in tqdm(range(0, len(texts), step), desc="embedding", unit="batch"):
+        batch = texts[start:start + step]
+        if prompt_name == "document":
+            chunks.append(emb.encode_document(batch, dim=args.dim))
+        else:
+            chunks.append(emb.encode(batch, prompt_name=prompt_name, dim=args.dim))
+    import io
+
+    buffer = io.BytesIO()
+    np.save(buffer, np.concatenate(chunks))
+    atomic_write_bytes(args.output, buffer.getvalue())
+    print(f"wrote {args.output}: {len(texts)} x {chunks[0].shape[1]} float32 "
+          f"({emb.backend}, {emb.graph_role})")
+    return 0
+
+
+# -- demo ----------------------------------------------------------------------------------
+def _add_demo(sub: Any) -> None:
+    p = sub.add_parser("demo", help="offline end-to-end run on a tiny random model")
+    p.add_argument("--workdir", type=Path, default=Path("build/demo"))
+    p.set_defaults(func=_run_demo)
+
+
+def _run_demo(args: argparse.Namespace) -> int:
+    from .export.demo import run_demo
+
+    return run_demo(args.workdir)
+
+
+SUBCOMMANDS: list[Callable[[Any], None]] = [_add_export, _add_embed, _add_demo]
+
+
+def _optional_subcommands() -> list[Callable[[Any], None]]:
+    """Subcommands from other modules; each module exposes ``register(subparsers)``."""
+    import importlib
+
+    found = []
+    for module in ("gemma_edge.export.evaluate", "gemma_edge.compile.cli",
+                   "gemma_edge.device.bench", "gemma_edge.device.apps"):
+        try:
+            found.append(importlib.import_module(module).register)
+        except ModuleNotFoundError as exc:
+            if exc.name != module:
+                raise
+    return found
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="gemma-edge", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for add in SUBCOMMANDS + _optional_subcommands():
+        add(sub)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(message)s")
+    try:
+        return int(args.func(args) or 0)
+    except GemmaEdgeError as exc:
+        print(f"gemma-edge {args.command}: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,65 @@
+"""The project's own text sets: the calibration corpus and the held-out evaluation set.
+
+Both live in ``calibration_data/`` at the repository root (JSON lines, written
+for this project). Calibration never sees the held-out set.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Optional
+
+from .errors import CalibrationDataError
+
+CORPUS_FIELDS = ("id", "lang", "domain", "kind", "prompt", "text")
+
+
+def data_dir() -> Path:
+    env = os.environ.get("GEMMA_EDGE_DATA_DIR")
+    path = Path(env) if env else Path(__file__).resolve().parents[1] / "calibration_data"
+    if not path.is_dir():
+        raise CalibrationDataError(f"{path}: calibration_data folder not found; run from a "
+                                   "checkout of gemma-edge or set GEMMA_EDGE_DATA_DIR")
+    return path
+
+
+def read_jsonl(path: Path, required: tuple[str, ...] = ()) -> list[dict[str, Any]]:
+    rows = []
+    with open(path, encoding="utf-8") as handle:
+        for number, line in enumerate(handle, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except ValueError as exc:
+                raise CalibrationDataError(f"{path}:{number}: not JSON ({exc})") from exc
+            missing = [k for k in required if k not in row]
+            if missing:
+                raise CalibrationDataError(f"{path}:{number}: missing {missing}")
+            rows.append(row)
+    return rows
+
+
+def load_calibration_corpus(root: Optional[Path] = None) -> list[dict[str, Any]]:
+    """Every calibration text (all languages), sorted by file then line."""
+    corpus = (root or data_dir()) / "corpus"
+    files = sorted(corpus.glob("*.jsonl"))
+    if not files:
+        raise CalibrationDataError(f"{corpus}: no *.jsonl files")
+    return [row for f in files for row in read_jsonl(f, CORPUS_FIELDS)]
+
+
+def load_heldout(root: Optional[Path] = None) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(queries, documents) of the held-out retrieval set; never used for calibration."""
+    base = (root or data_dir()) / "heldout"
+    docs = read_jsonl(base / "documents.jsonl", ("id", "lang", "text"))
+    queries = read_jsonl(base / "queries.jsonl", ("id", "lang", "text", "relevant"))
+    ids = {d["id"] for d in docs}
+    for q in queries:
+        unknown = [r for r in q["relevant"] if r not in ids]
+        if unknown:
+            raise CalibrationDataError(f"{base / 'queries.jsonl'}: query {q['id']} names "
+                                       f"unknown documents {unknown}")
+    return queries, docs
