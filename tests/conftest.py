@@ -26,10 +26,10 @@ def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_artifacts(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Float-only export of the tiny checkpoint, buckets 16/32/64, 4 pooling slots."""
+    """Full export (float + int8 graphs) of the tiny checkpoint, buckets 16/32/64, 4 pooling slots."""
     from gemma_edge.export.pipeline import ExportOptions, run_export
 
     out = tmp_path_factory.mktemp("art") / "tiny-art"
     run_export(str(tiny_checkpoint), out,
-               ExportOptions(buckets=TINY_BUCKETS, pool_slots=4, quantize=False))
+               ExportOptions(buckets=TINY_BUCKETS, pool_slots=4))
     return out

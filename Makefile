@@ -1,0 +1,53 @@
+# gemma-edge: two commands set up and run the main job (`make export`), one runs the tests
+# (`make test`). Every target creates the virtualenv and installs what is missing first.
+
+PYTHON      ?= python3
+VENV        ?= .venv
+BIN         := $(VENV)/bin
+# A bare `torch` pulls a multi-GB CUDA build; pin the CPU wheel (override on other machines).
+TORCH_SPEC  ?= torch==2.13.0
+CHECKPOINT  ?= google/embeddinggemma-300m
+OUT         ?= build/artifacts
+MODEL       ?= $(OUT)
+STAMP       := $(VENV)/.gemma-edge-installed
+
+.PHONY: setup export test demo calibration eval compile compile-docker bench latency-check lint clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q "$(TORCH_SPEC)"
+	$(BIN)/python -m pip install -q -e ".[export,search,dev]"
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+export: $(STAMP)  ## checkpoint -> verified float + int8 TFLite artifacts in $(OUT)
+	$(BIN)/gemma-edge export --checkpoint "$(CHECKPOINT)" --out "$(OUT)"
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+demo: $(STAMP)  ## whole pipeline offline on a tiny random Gemma3 built in code
+	$(BIN)/gemma-edge demo --workdir build/demo
+
+eval: $(STAMP)
+	$(BIN)/gemma-edge eval --artifacts "$(OUT)" --checkpoint "$(CHECKPOINT)"
+
+compile: $(STAMP)
+	$(BIN)/gemma-edge compile "$(MODEL)"
+
+compile-docker:
+	scripts/compile-docker.sh "$(MODEL)"
+
+bench: $(STAMP)
+	$(BIN)/gemma-edge bench --artifacts "$(OUT)" --json build/bench.json --plot build/bench.png
+
+latency-check: $(STAMP)
+	$(BIN)/gemma-edge bench --artifacts "$(OUT)" --check
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+
+clean:
+	rm -rf build

@@ -1,0 +1,76 @@
+"""Calibration tensors: the project's corpus, tokenised with its prompts, as graph inputs.
+
+Calibration must see what the device will feed the graph: real prompt+text
+token rows, padded single texts AND packed groups of short texts, for every
+bucket, with lengths spread up to the bucket. Inputs are built by the same
+host code the device runs (tokenizer, table, ``bucket_inputs``).
+"""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import numpy as np
+
+from gemma_edge.datasets import load_calibration_corpus
+from gemma_edge.device.packing import bucket_inputs, pack_greedy
+
+
+def corpus_token_ids(embedder: Any, rows: Optional[Sequence[dict[str, Any]]] = None
+                     ) -> list[list[int]]:
+    """Token ids (prompt + text, BOS/EOS) of every corpus text, truncated to the largest bucket."""
+    rows = list(rows if rows is not None else load_calibration_corpus())
+    texts = []
+    for row in rows:
+        if row["prompt"] == "document":
+            texts.append(f"title: {row.get('title') or 'none'} | text: {row['text']}")
+        else:
+            texts.append(embedder.prompts.get(row["prompt"], "") + row["text"])
+    ids, _ = embedder.tokenizer.encode(texts, embedder.max_tokens)
+    return ids
+
+
+def bucket_samples(embedder: Any, token_ids: Sequence[Sequence[int]], seq_len: int,
+                   count: int, seed: int = 0) -> list[dict[str, np.ndarray]]:
+    """``count`` input dicts for one bucket: half single texts, half packed groups."""
+    rng = random.Random(seed + seq_len)
+    lower = max((b for b in embedder.buckets if b < seq_len), default=0)
+    singles = [ids for ids in token_ids if lower < len(ids) <= seq_len]
+    if not singles:  # the corpus has no text of this size: use the longest that fit
+        singles = sorted((ids for ids in token_ids if len(ids) <= seq_len), key=len)[-count:]
+    short = [ids for ids in token_ids if len(ids) <= seq_len // 2]
+    samples: list[dict[str, np.ndarray]] = []
+    n_single = count - count // 2 if short else count
+    for ids in rng.sample(singles, min(n_single, len(singles))):
+        samples.append(_inputs(embedder, [ids], seq_len))
+    while len(samples) < count and short:
+        group = rng.sample(short, min(len(short), embedder.slots * 2))
+        bins = pack_greedy([len(g) for g in group], seq_len, embedder.slots)
+        samples.append(_inputs(embedder, [group[i] for i in bins[0]], seq_len))
+    while len(samples) < count and singles:
+        samples.append(_inputs(embedder, [rng.choice(singles)], seq_len))
+    return samples
+
+
+def _inputs(embedder: Any, group: Sequence[Sequence[int]], seq_len: int
+            ) -> dict[str, np.ndarray]:
+    rows = np.zeros((1, seq_len, embedder.hidden), dtype=np.float32)
+    start = 0
+    for ids in group:
+        rows[0, start:start + len(ids)] = embedder.table.lookup(ids)
+        start += len(ids)
+    mask, pool = bucket_inputs([len(g) for g in group], seq_len, embedder.slots)
+    return {"embeddings": rows, "mask": mask, "pool": pool}
+
+
+def calibration_set(art_dir: Path, buckets: Sequence[int], per_bucket: int,
+                    rows: Optional[Sequence[dict[str, Any]]] = None
+                    ) -> dict[int, list[dict[str, np.ndarray]]]:
+    """{bucket: [inputs...]} from the float export in ``art_dir``."""
+    from gemma_edge.device import Embedder
+
+    emb = Embedder(art_dir, backend="cpu", precision="float")
+    ids = corpus_token_ids(emb, rows)
+    return {t: bucket_samples(emb, ids, t, per_bucket) for t in buckets}

@@ -1,0 +1,178 @@
+"""Quantisation recipes: the int8 graphs of an export, built with ai-edge-quantizer.
+
+Two products (see docs/quantization.md for the measurements behind them):
+
+- role ``int8``: the CPU graph. int8 weights (per-channel); activations where
+  int8 keeps fidelity, float elsewhere.
+- role ``edgetpu``: the fully 8-bit graph the Edge TPU needs: int8 weights AND
+  activations with per-tensor scales, int8 inputs and output.
+
+Each bucket gets its own file: XNNPACK packs the weights of every subgraph of
+an interpreter, so a multi-signature int8 file would cost one packed copy per
+bucket in RAM; separate files are opened (and packed) only when used.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import enum
+import io
+import logging
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import numpy as np
+
+from gemma_edge.errors import QuantizationError
+
+log = logging.getLogger("gemma_edge.export")
+
+
+class Approach(str, enum.Enum):
+    """How a graph is quantised (the value is what the manifest and CLI say)."""
+
+    DYNAMIC_INT8 = "dynamic-int8"    # int8 weights, activations quantised at run time
+    STATIC_FC_INT8 = "static-fc-int8"  # FULLY_CONNECTED a8w8 (calibrated), other ops float
+    FULL_INT8 = "full-int8"          # every op a8w8, int8 I/O: what the Edge TPU runs
+
+
+@dataclass
+class QuantConfig:
+    approach: Approach
+    calibration_per_bucket: int = 24
+    # A finite mask sentinel: -1e4 would take the whole int8 range of the attention
+    # scores; scores of EmbeddingGemma stay within +-30 (measured), so -60 masks fully.
+    mask_penalty: Optional[float] = None
+    int8_io: bool = False
+    notes: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["approach"] = self.approach.value
+        return out
+
+
+CPU_INT8 = QuantConfig(Approach.DYNAMIC_INT8)
+EDGETPU_INT8 = QuantConfig(Approach.FULL_INT8, mask_penalty=60.0, int8_io=True)
+
+
+def _recipe(qt: Any, approach: Approach) -> None:
+    from ai_edge_quantizer import qtyping, recipe
+
+    if approach is Approach.DYNAMIC_INT8:
+        qt.load_quantization_recipe(recipe.dynamic_wi8_afp32())
+    elif approach is Approach.STATIC_FC_INT8:
+        qt.add_static_config(regex=".*",
+                             operation_name=qtyping.TFLOperationName.FULLY_CONNECTED,
+                             activation_num_bits=8, weight_num_bits=8)
+    elif approach is Approach.FULL_INT8:
+        qt.load_quantization_recipe(recipe.static_wi8_ai8())
+    else:  # pragma: no cover - enum is closed
+        raise QuantizationError(f"unknown approach {approach}")
+
+
+def quantize_graph(float_model: bytes, signature: str, config: QuantConfig,
+                   calibration: Sequence[dict[str, np.ndarray]]) -> bytes:
+    """Quantise one single-signature float graph; returns the flatbuffer bytes."""
+    from ai_edge_quantizer import quantizer
+
+    qt = quantizer.Quantizer(bytearray(float_model))
+    _recipe(qt, config.approach)
+    sink = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(sink):
+            result = None
+            if qt.need_calibration:
+                if not calibration:
+                    raise QuantizationError(f"{config.approach.value} needs calibration data")
+                result = qt.calibrate({signature: list(calibration)}, num_threads=os.cpu_count() or 1)
+            quantized = qt.quantize(result, enable_progress_report=False).quantized_model
+    except QuantizationError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - ai-edge-quantizer raises many types
+        raise QuantizationError(f"ai-edge-quantizer failed for {signature} "
+                                f"({config.approach.value}): {type(exc).__name__}: {exc}") from exc
+    quantized = bytes(quantized)
+    if config.int8_io:
+        quantized = to_int8_io(quantized)
+    return quantized
+
+
+def to_int8_io(model: bytes) -> bytes:
+    """Drop the float QUANTIZE/DEQUANTIZE at the graph boundary: int8 inputs and output.
+
+    The Edge TPU takes 8-bit tensors in and out; TFLite's modify_model_interface
+    (shipped in ai-edge-litert) rewrites the boundary without touching scales.
+    """
+    import tempfile
+
+    from ai_edge_litert import _pywrap_modify_model_interface as mmi
+
+    int8 = 9  # tflite::TensorType_INT8
+    with tempfile.TemporaryDirectory() as tmp:
+        src, dst = Path(tmp) / "in.tflite", Path(tmp) / "out.tflite"
+        src.write_bytes(model)
+        status = mmi.modify_model_interface(str(src), str(dst), int8, int8)
+        if status != 0 or not dst.is_file():
+            raise QuantizationError("could not give the graph int8 inputs/outputs "
+                                    f"(modify_model_interface status {status})")
+        return dst.read_bytes()
+
+
+def tensor_dtype_census(model: bytes) -> dict[str, int]:
+    """Count tensors by dtype name across the graph (checks that 'full int8' is full)."""
+    from ai_edge_litert import schema_py_generated as schema
+
+    names = {v: k for k, v in vars(schema.TensorType).items() if not k.startswith("_")}
+    tree = schema.ModelT.InitFromObj(schema.Model.GetRootAs(model, 0))
+    census: dict[str, int] = {}
+    for sub in tree.subgraphs or []:
+        for tensor in sub.tensors or []:
+            name = names.get(tensor.type, str(tensor.type))
+            census[name] = census.get(name, 0) + 1
+    return census
+
+
+def timed(label: str) -> Any:
+    @contextlib.contextmanager
+    def _ctx():
+        start = time.time()
+        yield
+        log.info("%s: %.1f s", label, time.time() - start)
+    return _ctx()
+
+
+def build_cpu_int8(core: Any, art_dir: Path, buckets: Sequence[int], slots: int,
+                   mask_penalty: float, config: QuantConfig = CPU_INT8,
+                   progress: Optional[Any] = None) -> list[dict[str, Any]]:
+    """Role "int8" graphs, one file per bucket, from per-bucket float conversions."""
+    from .calibration import calibration_set
+    from .convert import convert_buckets, graph_entry
+    from .encoder import BucketEncoder
+
+    calibration: dict[int, list[dict[str, np.ndarray]]] = {}
+    if config.approach is not Approach.DYNAMIC_INT8:
+        calibration = calibration_set(art_dir, buckets, config.calibration_per_bucket)
+    entries = []
+    for seq_len in buckets:
+        if progress:
+            progress(f"int8 CPU graph, bucket {seq_len}: converting + quantising")
+        model = convert_buckets({seq_len: BucketEncoder(core, seq_len, mask_penalty).eval()},
+                                core.spec.hidden_size, slots)
+        quantized = quantize_graph(model.model_content(), f"encode_{seq_len}", config,
+                                   calibration.get(seq_len, []))
+        name = f"encoder_int8_{seq_len}.tflite"
+        _atomic_bytes(art_dir / name, quantized)
+        entries.append(graph_entry(name, "int8", [seq_len], slots, mask_penalty,
+                                   approach=config.approach.value,
+                                   census=tensor_dtype_census(quantized)))
+    return entries
+
+
+def _atomic_bytes(path: Path, data: bytes) -> None:
+    from gemma_edge.manifest import atomic_write_bytes
+
+    atomic_write_bytes(path, data)

@@ -1,0 +1,168 @@
+"""Float export of the tiny model: artifacts, manifest, and the device path vs sentence-transformers."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+
+import numpy as np
+import pytest
+
+from gemma_edge.device import Embedder
+from gemma_edge.errors import ArtifactError, InputError, VerificationError
+from gemma_edge.manifest import find_graph, load_manifest, sha256_file
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_checkpoint):
+    from sentence_transformers import SentenceTransformer
+
+    model = SentenceTransformer(str(tiny_checkpoint), device="cpu")
+    model.max_seq_length = 64
+    return model
+
+
+@pytest.fixture(scope="module")
+def embedder(tiny_artifacts):
+    return Embedder(tiny_artifacts, backend="cpu", precision="float")
+
+
+def test_manifest_describes_everything(tiny_artifacts):
+    m = load_manifest(tiny_artifacts, verify_hashes=True)
+    assert m["buckets"] == [16, 32, 64]
+    graph = find_graph(m, "float", 32)
+    assert graph and graph["seq_lens"] == [16, 32, 64]
+    assert set(graph["signatures"]) == {"16", "32", "64"}
+    io = graph["io"]["encode_32"]
+    assert [i["shape"] for i in sorted(io["inputs"], key=lambda r: r["name"])] == [
+        [1, 32, 96], [1, 32, 32], [1, 4, 32]]
+    assert io["outputs"][0]["shape"] == [1, 4, 256]
+    for name, info in m["files"].items():
+        assert sha256_file(tiny_artifacts / name) == info["sha256"]
+    assert m["verification"]["float"]["min_cosine"] >= 0.9999
+    assert m["model"]["mrl_dims"] == [256, 128]
+    assert m["source"]["weights_sha256"]
+
+
+@pytest.mark.parametrize("dim", [None, 128])
+def test_embedder_matches_sentence_transformers(embedder, reference, dim):
+    texts = ["hello world", "Die Katze schläft.", "", "fox " * 40, "素早い茶色の狐"]
+    ours = embedder.encode_query(texts, dim=dim)
+    ref = reference.encode(texts, prompt_name="query", normalize_embeddings=True,
+                           truncate_dim=dim)
+    ref = ref / np.linalg.norm(ref, axis=1, keepdims=True)
+    assert ours.dtype == np.float32 and ours.shape == (5, dim or 256)
+    np.testing.assert_allclose(np.linalg.norm(ours, axis=1), 1.0, atol=1e-5)
+    assert (np.sum(ours * ref, axis=1) >= 0.99999).all()
+
+
+def test_documents_with_titles(embedder, reference):
+    ours = embedder.encode_document(["a manual page"], title="Router")
+    ref = reference.encode(["title: Router | text: a manual page"], normalize_embeddings=True)
+    assert float(ours[0] @ ref[0]) >= 0.99999
+    none = embedder.encode_document(["a manual page"])
+    ref_none = reference.encode(["a manual page"], prompt_name="document")
+    assert float(none[0] @ ref_none[0]) >= 0.99999
+
+
+def test_packing_equals_one_by_one(embedder):
+    texts = ["one", "two words", "three little words", "a longer sentence about foxes"]
+    assert len(embedder.plan([len(t) for t in embedder.tokenizer.encode(texts, 64)[0]])) == 1
+    batch = embedder.encode_query(texts)
+    single = np.stack([embedder.encode_query([t])[0] for t in texts])
+    np.testing.assert_allclose(batch, single, atol=1e-5)
+
+
+def test_smallest_bucket_is_chosen(embedder):
+    assert embedder.bucket_for(3) == 16 and embedder.bucket_for(17) == 32
+    with pytest.raises(InputError):
+        embedder.bucket_for(65)
+
+
+def test_overlong_text_truncates_with_warning(embedder, caplog):
+    with caplog.at_level(logging.WARNING, logger="gemma_edge.device"):
+        out = embedder.encode_query(["word " * 500])
+    assert out.shape == (1, 256)
+    assert "truncated" in caplog.text
+
+
+def test_bad_inputs(embedder):
+    assert embedder.encode_query([]).shape == (0, 256)
+    with pytest.raises(InputError, match="dim 100"):
+        embedder.encode_query(["x"], dim=100)
+    with pytest.raises(InputError, match="strings"):
+        embedder.encode_query([1, 2])
+    with pytest.raises(InputError, match="prompt 'nope'"):
+        embedder.encode(["x"], prompt_name="nope")
+    with pytest.raises(InputError, match="precision"):
+        Embedder(embedder.art_dir, precision="fp16")
+
+
+def test_missing_role_is_explained(tiny_artifacts, tmp_path):
+    other = tmp_path / "float-only"
+    shutil.copytree(tiny_artifacts, other)
+    m = json.loads((other / "manifest.json").read_text())
+    m["graphs"] = [g for g in m["graphs"] if g["role"] == "float"]
+    (other / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(ArtifactError, match="no 'int8' graph"):
+        Embedder(other, backend="cpu", precision="int8")
+
+
+def test_int8_cpu_graphs(tiny_artifacts, embedder):
+    m = load_manifest(tiny_artifacts)
+    int8 = [g for g in m["graphs"] if g["role"] == "int8"]
+    assert sorted(g["seq_lens"][0] for g in int8) == [16, 32, 64]
+    assert all(g["census"].get("INT8", 0) > 0 for g in int8)
+    assert m["verification"]["int8"]["min_cosine"] >= 0.97
+    quant = Embedder(tiny_artifacts, backend="cpu", precision="int8")
+    assert quant.graph_role == "int8"
+    texts = ["hello world", "a longer sentence about foxes and dogs"]
+    cos = np.sum(quant.encode_query(texts) * embedder.encode_query(texts), axis=1)
+    assert (cos > 0.97).all() and (cos < 0.999999).all()  # quantised, but close
+
+
+def test_auto_falls_back_to_cpu(tiny_artifacts, caplog):
+    with caplog.at_level(logging.INFO, logger="gemma_edge.device"):
+        emb = Embedder(tiny_artifacts, backend="auto", precision="float")
+    assert emb.backend == "cpu"
+    assert "cpu backend" in caplog.text
+
+
+def test_corrupted_artifacts(tiny_artifacts, tmp_path):
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_artifacts, broken)
+    graph = broken / "encoder_float.tflite"
+    graph.write_bytes(graph.read_bytes()[:1000])
+    with pytest.raises(ArtifactError, match="truncated or corrupted"):
+        Embedder(broken, backend="cpu")
+    (broken / "manifest.json").write_text("{not json")
+    with pytest.raises(ArtifactError, match="unreadable JSON"):
+        Embedder(broken, backend="cpu")
+    with pytest.raises(ArtifactError, match="not a gemma-edge artifacts directory"):
+        Embedder(tmp_path, backend="cpu")
+
+
+def test_wrong_format_version(tiny_artifacts, tmp_path):
+    other = tmp_path / "other"
+    shutil.copytree(tiny_artifacts, other)
+    m = json.loads((other / "manifest.json").read_text())
+    m["format_version"] = 99
+    (other / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(ArtifactError, match="format_version 99"):
+        Embedder(other, backend="cpu")
+
+
+def test_failed_verification_leaves_nothing(tiny_checkpoint, tmp_path, monkeypatch):
+    from gemma_edge.export import pipeline
+
+    def broken(*args, **kwargs):
+        raise VerificationError("simulated mismatch")
+
+    monkeypatch.setattr(pipeline, "verify_artifacts", broken)
+    out = tmp_path / "art"
+    with pytest.raises(VerificationError):
+        pipeline.run_export(str(tiny_checkpoint), out,
+                            pipeline.ExportOptions(buckets=(16,), pool_slots=2, quantize=False))
+    assert not out.exists()
+    assert list(tmp_path.iterdir()) == []
