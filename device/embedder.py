@@ -9,6 +9,8 @@ layers and the L2 norm.
 from __future__ import annotations
 
 import logging
+import time
+from collections import Counter
 from pathlib import Path
 from typing import Any, Optional, Sequence, Union
 
@@ -63,6 +65,8 @@ class Embedder:
         self.device = device
         self.tokenizer = TextTokenizer(self.art_dir, self.manifest["tokenizer"])
         self._runners: dict[int, GraphRunner] = {}
+        # Seconds spent per stage (tokenize, lookup, invoke, post): read by `gemma-edge bench`.
+        self.stage_seconds: Counter = Counter()
         self._interpreters: dict[str, Any] = {}
         self.backend, self.graph_role, why = self._choose_backend(backend)
         log.info("gemma-edge: %s backend, %s graph (%s)", self.backend, self.graph_role, why)
@@ -166,15 +170,21 @@ class Embedder:
         """Full-dimension embeddings [n, D] for already tokenised texts."""
         out = np.zeros((len(token_ids), self.output_dim), dtype=np.float32)
         lengths = [len(ids) for ids in token_ids]
+        clock = time.perf_counter
         for seq_len, members in self.plan(lengths):
+            runner = self.runner(seq_len)  # opened lazily: not part of the timed stages
+            t0 = clock()
             rows = np.zeros((1, seq_len, self.hidden), dtype=np.float32)
             start = 0
             for i in members:
                 rows[0, start:start + lengths[i]] = self.table.lookup(token_ids[i])
                 start += lengths[i]
             mask, pool = bucket_inputs([lengths[i] for i in members], seq_len, self.slots)
-            result = self.runner(seq_len).run(rows, mask, pool)
+            t1 = clock()
+            result = runner.run(rows, mask, pool)
             out[members] = result[:len(members)]
+            self.stage_seconds["lookup"] += t1 - t0
+            self.stage_seconds["invoke"] += clock() - t1
         return out
 
     def _check_dim(self, dim: Optional[int]) -> int:
@@ -202,11 +212,17 @@ class Embedder:
         if not texts:
             return np.zeros((0, dim), dtype=np.float32)
         full = [(prompt or "") + t for t in texts]
+        t0 = time.perf_counter()
         ids, truncated = self.tokenizer.encode(full, self.max_tokens)
+        self.stage_seconds["tokenize"] += time.perf_counter() - t0
         if any(truncated):
             log.warning("%d of %d texts exceed %d tokens and were truncated",
                         sum(truncated), len(texts), self.max_tokens)
-        return truncate_dim(self.embed_ids(ids), dim)
+        vectors = self.embed_ids(ids)
+        t1 = time.perf_counter()
+        vectors = truncate_dim(vectors, dim)
+        self.stage_seconds["post"] += time.perf_counter() - t1
+        return vectors
 
     def encode_query(self, texts: Texts, dim: Optional[int] = None) -> np.ndarray:
         return self.encode(texts, prompt_name="query", dim=dim)

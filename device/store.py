@@ -155,7 +155,13 @@ class VectorStore:
     @contextlib.contextmanager
     def transaction(self) -> Iterator[None]:
         """All or nothing: on any exception (Ctrl-C included) the index is as before."""
-        self.conn.execute("BEGIN IMMEDIATE")
+        try:
+            self.conn.execute("BEGIN IMMEDIATE")
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc):
+                raise
+            raise InputError(f"{self.path}: another process is updating this index; run "
+                             "again when it has finished") from exc
         try:
             yield
         except BaseException:

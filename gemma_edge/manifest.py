@@ -139,9 +139,17 @@ def graphs_for_role(manifest: dict[str, Any], role: str) -> list[dict[str, Any]]
 
 
 def artifact_id(manifest: dict[str, Any]) -> str:
-    """A short stable id of an export: ties search indexes to the model that built them."""
+    """A short stable id of the exported MODEL: ties search indexes to the weights that built them.
+
+    It hashes the source weights and the output size, not the graph files, so
+    adding a compiled Edge TPU graph or re-quantising keeps existing indexes valid
+    (all precisions embed into the same space); a different checkpoint does not.
+    """
     digest = hashlib.sha256()
-    for name in sorted(manifest["files"]):
-        digest.update(name.encode())
-        digest.update(manifest["files"][name]["sha256"].encode())
+    digest.update(str(manifest.get("source", {}).get("weights_sha256", "")).encode())
+    digest.update(str(manifest.get("model", {}).get("output_dim", "")).encode())
+    if not manifest.get("source", {}).get("weights_sha256"):  # hand-made manifests
+        for name in sorted(manifest["files"]):
+            digest.update(name.encode())
+            digest.update(manifest["files"][name]["sha256"].encode())
     return digest.hexdigest()[:16]

@@ -7,6 +7,7 @@
 # with a confusing error. Uses `mdt push` for a Coral Dev Board reached over
 # MDT (no host given), else rsync when both sides have it, else scp.
 set -euo pipefail
+# Runs on the workstation, macOS's bash 3.2 included (no mapfile, guarded empty arrays).
 
 usage() {
   cat <<'EOF'
@@ -43,10 +44,11 @@ while (($#)); do
   shift
 done
 ((${#POSITIONAL[@]} >= 1 && ${#POSITIONAL[@]} <= 2)) || { usage >&2; exit 2; }
-ART=${POSITIONAL[0]%/}
+ART=${POSITIONAL[0]}
 HOST=${POSITIONAL[1]:-}
 [[ -d $ART ]] || die "$ART: no such directory; pass the folder \`gemma-edge export\` wrote"
 [[ -f $ART/manifest.json ]] || die "$ART/manifest.json missing: not a gemma-edge artifacts directory"
+ART=$(cd "$ART" && pwd)
 NAME=$(basename "$ART")
 
 case $METHOD in
@@ -56,7 +58,7 @@ case $METHOD in
 (pip install mendel-development-tool), so there is no way to reach the board"
       METHOD=mdt
     elif command -v rsync >/dev/null 2>&1 \
-        && ssh "${SSH_OPTS[@]}" "$HOST" "command -v rsync" >/dev/null 2>&1; then
+        && ssh ${SSH_OPTS[@]+"${SSH_OPTS[@]}"} "$HOST" "command -v rsync" >/dev/null 2>&1; then
       METHOD=rsync
     else
       METHOD=scp
@@ -65,41 +67,49 @@ case $METHOD in
   rsync|scp) [[ -n $HOST ]] || die "--method $METHOD needs USER@HOST" ;;
   *) die "--method $METHOD: choose auto, mdt, rsync or scp" ;;
 esac
+DEST=${DEST#\~/}  # ~/x means x in the login's home; a quoted ~ would not expand
 if [[ -z $DEST ]]; then
   if [[ $METHOD == mdt ]]; then DEST=/home/mendel/gemma-edge/$NAME; else DEST=gemma-edge/$NAME; fi
 fi
 qdest=$(printf '%q' "$DEST")
 
 # "SIZE ./relative/path" per file, sorted; the same script runs on both sides.
+# shellcheck disable=SC2016  # expanded by the shell that runs it, not here
 LIST_SIZES='find . -type f ! -name ".*" | LC_ALL=C sort | while IFS= read -r f; do printf "%s %s\n" "$(wc -c < "$f" | tr -d " ")" "$f"; done'
 
 remote() {  # run a shell command on the board
   if [[ $METHOD == mdt ]]; then
     mdt exec "$1" | tr -d '\r'
   else
-    ssh "${SSH_OPTS[@]}" "$HOST" "$1"
+    # shellcheck disable=SC2029  # the command is built (and quoted) here on purpose
+    ssh ${SSH_OPTS[@]+"${SSH_OPTS[@]}"} "$HOST" "$1"
   fi
 }
 
 total=$(du -sk "$ART" | cut -f1)
 note "copying $ART ($((total / 1024)) MB) to ${HOST:-the mdt board}:$DEST by $METHOD"
-remote "mkdir -p $qdest" >/dev/null
+remote "mkdir -p $qdest" >/dev/null || die "cannot reach the board (see above); check that \
+$([[ $METHOD == mdt ]] && echo "\`mdt shell\`" || echo "\`ssh $HOST\`") works"
 case $METHOD in
   mdt)
     # mdt push copies files (older mdt versions cannot push folders): one folder at a time
     while IFS= read -r dir; do
       rel=${dir#"$ART"}
       remote "mkdir -p $(printf '%q' "$DEST$rel")" >/dev/null
-      mapfile -d '' files < <(find "$dir" -maxdepth 1 -type f ! -name '.*' -print0)
-      ((${#files[@]})) && mdt push "${files[@]}" "$DEST$rel"
+      files=()
+      while IFS= read -r -d '' f; do files+=("$f"); done \
+        < <(find "$dir" -maxdepth 1 -type f ! -name '.*' -print0)
+      if ((${#files[@]})); then mdt push "${files[@]}" "$DEST$rel" || die "mdt push failed (see above)"; fi
     done < <(find "$ART" -type d ! -name '.*')
     ;;
   rsync)
-    rsync -a --partial --progress --exclude '.*' -e "ssh ${SSH_OPTS[*]}" "$ART/" "$HOST:$DEST/" ;;
+    rsync -a --partial --progress --exclude '.*' -e "ssh ${SSH_OPTS[*]+"${SSH_OPTS[*]}"}" \
+      "$ART/" "$HOST:$DEST/" || die "rsync failed (see above); re-run to resume the copy" ;;
   scp)
     shopt -s nullglob
     entries=("$ART"/*)
-    scp -rp "${SSH_OPTS[@]}" "${entries[@]}" "$HOST:$DEST/" ;;
+    scp -rp ${SSH_OPTS[@]+"${SSH_OPTS[@]}"} "${entries[@]}" "$HOST:$DEST/" \
+      || die "scp failed (see above); check free space on the board and re-run" ;;
 esac
 
 local_sizes=$(cd "$ART" && bash -c "$LIST_SIZES")

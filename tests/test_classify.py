@@ -163,5 +163,7 @@ def test_cli_end_to_end_with_tiny_model(tiny_artifacts: Path, examples_file: Pat
     assert sorted(result[0]["scores"]) == ["lights", "music", "weather"]
     caches = list(examples_file.parent.glob("intents.jsonl.*.d256.npz"))
     assert len(caches) == 1
+    written = caches[0].stat().st_mtime_ns
     assert main(args + ["will it rain today"]) == 0  # second run reads the cache
     assert json.loads(capsys.readouterr().out)[0]["neighbours"][0]["label"] == "weather"
+    assert caches[0].stat().st_mtime_ns == written

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 from fixtures.edgetpu.tflite_builder import fc_model
-from gemma_edge.compile.compiler import Policy, compile_model
 
 from gemma_edge.cli import main
+from gemma_edge.compile.compiler import Policy, compile_model
 from gemma_edge.errors import CompilationError, CompilerNotFoundError, InputError
 from gemma_edge.manifest import FORMAT_VERSION, describe_files, load_manifest
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+
 from gemma_edge.compile.logparse import parse_compiler_output, parse_operation_log, parse_size
 
 FIXTURES = Path(__file__).parent / "fixtures" / "edgetpu"

@@ -9,10 +9,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 from fixtures.edgetpu.tflite_builder import GraphBuilder, fc_model
+
 from gemma_edge.compile import rules
 from gemma_edge.compile.estimate import Assumptions, estimate_latency
 from gemma_edge.compile.mapper import analyze
-
 from gemma_edge.errors import InputError
 
 

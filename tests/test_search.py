@@ -201,6 +201,15 @@ def test_other_model_or_dim_is_refused_until_rebuild(corpus: Path) -> None:
         assert len(store.query(other.encode_query("apples", dim=32)[0], k=2)) == 2
 
 
+def test_apps_import_nothing_heavy() -> None:
+    """apps.py builds the CLI parser on a board: no numpy, SQLite or frameworks at import."""
+    code = ("import sys, gemma_edge.device.apps, gemma_edge.device.chunking; "
+            "print(sorted(m for m in ('numpy', 'sqlite3', 'tqdm', 'torch', 'transformers', "
+            "'tensorflow') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
 def test_non_index_files_are_refused(tmp_path: Path) -> None:
     junk = tmp_path / "junk.sqlite"
     junk.write_bytes(b"not a database at all" * 100)

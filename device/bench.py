@@ -1,0 +1,265 @@
+"""``gemma-edge bench``: latency per bucket, per stage, bulk throughput and peak RSS.
+
+Each precision runs in its own child process so its peak RSS is its own and one
+graph's packed weights do not sit in the other's measurements. Figures are
+printed and, on request, written as JSON and drawn as a PNG.
+
+``--check`` is the CI latency check: it compares ratios measured in the same
+run (int8 vs float at the same bucket), not absolute times, so it holds on a
+noisy shared machine; it also prints the absolute figures against the 15 ms
+budget Google quotes for 256 tokens on an Edge TPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import numpy as np
+
+BUDGET_MS = 15.0
+QUERIES = ["how do I reset my router", "beste Pizza in Berlin Mitte", "síntomas de la gripe",
+           "東京 天気 明日", "python read large csv", "تحديث نظام التشغيل", "prix du train Paris Lyon",
+           "how long does a passport renewal take"]
+DOC_SENTENCE = ("Edge devices embed text locally so that private notes never leave the machine, "
+                "and the index is searched offline. ")
+
+
+def _percentiles(values: Sequence[float]) -> dict[str, float]:
+    arr = np.asarray(values) * 1000.0
+    return {"p50": float(np.percentile(arr, 50)), "p90": float(np.percentile(arr, 90)),
+            "p99": float(np.percentile(arr, 99)), "n": int(arr.size)}
+
+
+def _peak_rss_mb() -> float:
+    import resource
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / (1024.0 * 1024.0) if sys.platform == "darwin" else peak / 1024.0
+
+
+def bulk_texts(count: int, seed: int = 0) -> list[str]:
+    """Mixed-length documents: mostly short, a tail of long ones (like a notes folder)."""
+    rng = np.random.default_rng(seed)
+    lengths = np.clip(rng.lognormal(mean=2.3, sigma=0.9, size=count), 1, 60).astype(int)
+    words = DOC_SENTENCE.split()
+    return [" ".join(words[(i + k) % len(words)] for k in range(n * 4))
+            for i, n in enumerate(lengths)]
+
+
+def measure(artifacts: Path, backend: str, precision: str, runs: int, bulk: int,
+            threads: Optional[int]) -> dict[str, Any]:
+    """All figures for one (backend, precision); runs in the current process."""
+    from gemma_edge.device import Embedder
+    from gemma_edge.device.packing import bucket_inputs
+
+    emb = Embedder(artifacts, backend=backend, precision=precision, num_threads=threads)
+    result: dict[str, Any] = {"backend": emb.backend, "precision": precision,
+                              "graph_role": emb.graph_role, "threads": threads, "buckets": {}}
+    rng = np.random.default_rng(0)
+    for seq_len in emb.buckets:  # the graph alone, full bucket of one text
+        runner = emb.runner(seq_len)
+        rows = (rng.standard_normal((1, seq_len, emb.hidden)) * 0.03).astype(np.float32)
+        mask, pool = bucket_inputs([seq_len], seq_len, emb.slots)
+        runner.run(rows, mask, pool)
+        n = max(3, runs if seq_len <= 256 else runs // 3)
+        times = []
+        for _ in range(n):
+            start = time.perf_counter()
+            runner.run(rows, mask, pool)
+            times.append(time.perf_counter() - start)
+        result["buckets"][str(seq_len)] = _percentiles(times)
+
+    emb.encode_query(QUERIES[:1])  # warm-up of the query bucket
+    emb.stage_seconds.clear()
+    times = []
+    for i in range(runs):
+        start = time.perf_counter()
+        emb.encode_query([QUERIES[i % len(QUERIES)]])
+        times.append(time.perf_counter() - start)
+    result["query_end_to_end_ms"] = _percentiles(times)
+    result["query_times_ms"] = [round(t * 1000.0, 3) for t in times]
+    result["query_stages_ms"] = {k: 1000.0 * v / runs for k, v in emb.stage_seconds.items()}
+    lengths = [len(x) for x in emb.tokenizer.encode(
+        [emb.prompts.get("query", "") + q for q in QUERIES], emb.max_tokens)[0]]
+    result["query_tokens"] = {"min": min(lengths), "max": max(lengths)}
+
+    if bulk:
+        docs = bulk_texts(bulk)
+        for label, pack in (("packed", None), ("padded", 0)):
+            emb.pack_tokens = min(emb.max_tokens, 256) if pack is None else 0
+            start = time.perf_counter()
+            for i in range(0, len(docs), 64):
+                emb.encode_document(docs[i:i + 64])
+            seconds = time.perf_counter() - start
+            result[f"bulk_{label}_texts_per_s"] = len(docs) / seconds
+        result["bulk_texts"] = len(docs)
+        result["bulk_speedup"] = result["bulk_packed_texts_per_s"] / result["bulk_padded_texts_per_s"]
+    result["peak_rss_mb"] = _peak_rss_mb()
+    return result
+
+
+def _child(args: argparse.Namespace, precision: str) -> dict[str, Any]:
+    cmd = [sys.executable, "-m", "gemma_edge.device.bench", "--child", str(args.artifacts),
+           args.backend, precision, str(args.runs), str(args.bulk), str(args.threads or 0)]
+    done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        from gemma_edge.errors import GemmaEdgeError
+
+        raise GemmaEdgeError(f"benchmark of {precision} failed:\n{done.stderr.strip()[-2000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def edgetpu_estimate(artifacts: Path, manifest: dict[str, Any]) -> Optional[dict[str, Any]]:
+    """The pre-flight mapper's Edge TPU estimate per "edgetpu" graph (workstation only).
+
+    The mapper lives in gemma_edge.compile and needs ai-edge-litert's flatbuffer
+    schema; on a board without them the estimate is simply left out.
+    """
+    from gemma_edge.manifest import graphs_for_role
+
+    graphs = graphs_for_role(manifest, "edgetpu")
+    if not graphs:
+        return None
+    try:
+        from gemma_edge.compile.mapper import analyze
+    except ImportError:
+        return None
+    out: dict[str, Any] = {}
+    for graph in graphs:
+        try:
+            report = analyze(Path(artifacts) / graph["path"]).to_json()
+        except Exception as exc:  # noqa: BLE001 - an estimate is optional in a benchmark
+            out[graph["path"]] = {"error": str(exc)}
+            continue
+        g = report["graphs"][0]
+        out[str(graph["seq_lens"][0])] = {
+            "compiles": report["compiles"], "mac_share": g["mac_share"],
+            "op_share": g["op_share"], "streamed_bytes": g["streamed_bytes"],
+            "ms": {f"{e['target']}-{e['clock']}": round(1000 * e["total_s"], 1)
+                   for e in g["estimates"]}}
+    return out
+
+
+def run(args: argparse.Namespace) -> int:
+    from gemma_edge.manifest import atomic_write_json, graphs_for_role, load_manifest
+
+    manifest = load_manifest(args.artifacts)
+    wanted = args.precisions.split(",")
+    available = {"float": "float", "int8": "int8", "full-int8": "edgetpu"}
+    precisions = [p for p in wanted if graphs_for_role(manifest, available.get(p, p))]
+    report: dict[str, Any] = {"artifacts": str(args.artifacts), "machine": machine(),
+                              "results": {}}
+    for precision in precisions:
+        print(f"benchmarking {precision} ...", file=sys.stderr, flush=True)
+        report["results"][precision] = _child(args, precision)
+    report["edgetpu_estimate"] = edgetpu_estimate(args.artifacts, manifest)
+    print_report(report)
+    status = 0
+    if args.check:
+        status = latency_check(report, args.max_ratio)
+    if args.json:
+        atomic_write_json(args.json, report)
+        print(f"wrote {args.json}")
+    if args.plot:
+        from .bench_plot import plot_report
+
+        plot_report(report, args.plot)
+        print(f"wrote {args.plot}")
+    return status
+
+
+def machine() -> dict[str, Any]:
+    import platform
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(),
+            "system": platform.platform()}
+
+
+def print_report(report: dict[str, Any]) -> None:
+    results = report["results"]
+    print(f"machine: {report['machine']['cpu']}, {report['machine']['cores']} cores")
+    buckets = sorted({int(b) for r in results.values() for b in r["buckets"]})
+    header = "bucket " + "".join(f"{p + ' p50/p90 ms':>24}" for p in results)
+    print(header)
+    for b in buckets:
+        cells = []
+        for r in results.values():
+            s = r["buckets"].get(str(b))
+            cells.append(f"{s['p50']:>13.1f} / {s['p90']:<8.1f}" if s else f"{'-':>24}")
+        print(f"{b:>6} " + "".join(cells))
+    for p, r in results.items():
+        q = r["query_end_to_end_ms"]
+        stages = ", ".join(f"{k} {v:.2f}" for k, v in sorted(r["query_stages_ms"].items()))
+        print(f"{p}: query end-to-end p50 {q['p50']:.1f} ms p90 {q['p90']:.1f} p99 {q['p99']:.1f} "
+              f"({stages} ms); peak RSS {r['peak_rss_mb']:.0f} MB")
+        if "bulk_speedup" in r:
+            print(f"{p}: bulk {r['bulk_texts']} docs: packed {r['bulk_packed_texts_per_s']:.1f}"
+                  f" texts/s, padded {r['bulk_padded_texts_per_s']:.1f} texts/s "
+                  f"({r['bulk_speedup']:.2f}x)")
+    for bucket, est in (report.get("edgetpu_estimate") or {}).items():
+        if "ms" not in est:
+            print(f"Edge TPU estimate {bucket}: {est}")
+            continue
+        per = ", ".join(f"{k} {v:.0f} ms" for k, v in est["ms"].items())
+        print(f"Edge TPU estimate @ {bucket} tokens (pre-flight mapper, NOT measured): "
+              f"{100 * est['mac_share']:.1f}% of MACs on the TPU; {per}")
+
+
+def latency_check(report: dict[str, Any], max_ratio: float) -> int:
+    """int8 must be at most ``max_ratio`` x float at the largest common bucket <= 256."""
+    results = report["results"]
+    if "float" not in results or "int8" not in results:
+        print("latency check: needs both float and int8 graphs", file=sys.stderr)
+        return 1
+    common = sorted(set(results["float"]["buckets"]) & set(results["int8"]["buckets"]), key=int)
+    bucket = max((b for b in common if int(b) <= 256), key=int, default=common[-1])
+    f = results["float"]["buckets"][bucket]["p50"]
+    q = results["int8"]["buckets"][bucket]["p50"]
+    ratio = q / f
+    ok = ratio <= max_ratio
+    print(f"latency check @ {bucket} tokens: int8 {q:.1f} ms / float {f:.1f} ms = {ratio:.2f} "
+          f"(limit {max_ratio:.2f}) -> {'PASS' if ok else 'FAIL'}")
+    print(f"absolute: int8 {q:.1f} ms vs the {BUDGET_MS:.0f} ms Edge TPU budget for 256 tokens "
+          f"({'within' if q <= BUDGET_MS else 'over'}; CPU figures, for scale)")
+    return 0 if ok else 1
+
+
+def register(sub: Any) -> None:
+    p = sub.add_parser("bench", help="latency, throughput and memory of an artifacts directory")
+    p.add_argument("--artifacts", required=True, type=Path)
+    p.add_argument("--backend", choices=("auto", "cpu", "edgetpu"), default="cpu")
+    p.add_argument("--precisions", default="float,int8,full-int8",
+                   help="comma list; those without a graph are skipped")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--runs", type=int, default=20, help="timed runs per bucket (>= 20 for p99)")
+    p.add_argument("--bulk", type=int, default=200, help="documents for the bulk test (0: skip)")
+    p.add_argument("--json", type=Path, default=None)
+    p.add_argument("--plot", type=Path, default=None)
+    p.add_argument("--check", action="store_true", help="CI latency check (int8 vs float ratio)")
+    p.add_argument("--max-ratio", type=float, default=0.5)
+    p.set_defaults(func=run)
+
+
+def _child_main(argv: Sequence[str]) -> None:
+    art, backend, precision, runs, bulk, threads = argv
+    out = measure(Path(art), backend, precision, int(runs), int(bulk), int(threads) or None)
+    print(json.dumps(out))
+
+
+if __name__ == "__main__" and len(sys.argv) > 1 and sys.argv[1] == "--child":
+    _child_main(sys.argv[2:])

@@ -1,0 +1,54 @@
+"""Draw a ``gemma-edge bench`` report: latency per bucket and the query latency distribution."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from gemma_edge.errors import InputError
+
+
+def plot_report(report: dict[str, Any], path: Path) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as exc:
+        raise InputError("--plot needs matplotlib (pip install matplotlib)") from exc
+    from gemma_edge.manifest import atomic_write_bytes
+
+    results = report["results"]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
+    width = 0.8 / max(1, len(results))
+    buckets = sorted({int(b) for r in results.values() for b in r["buckets"]})
+    for k, (name, r) in enumerate(results.items()):
+        xs = [i + k * width for i, b in enumerate(buckets) if str(b) in r["buckets"]]
+        stats = [r["buckets"][str(b)] for b in buckets if str(b) in r["buckets"]]
+        p50 = [s["p50"] for s in stats]
+        err = [[0] * len(stats), [s["p90"] - s["p50"] for s in stats]]
+        left.bar(xs, p50, width, yerr=err, capsize=3, label=name)
+    left.set_xticks([i + width * (len(results) - 1) / 2 for i in range(len(buckets))])
+    left.set_xticklabels([str(b) for b in buckets])
+    left.set_yscale("log")
+    left.set_xlabel("bucket (tokens)")
+    left.set_ylabel("graph latency, ms (p50, bar to p90)")
+    left.set_title("Encoder graph latency per bucket")
+    left.legend()
+    names = list(results)
+    right.boxplot([results[n]["query_times_ms"] for n in names], showfliers=True)
+    right.set_xticks(range(1, len(names) + 1))
+    right.set_xticklabels(names)
+    right.axhline(15.0, color="red", linestyle="--", label="15 ms budget")
+    right.set_ylabel("ms")
+    right.set_title("Short query, text in -> vector out")
+    right.legend()
+    cpu = report.get("machine", {}).get("cpu", "")
+    fig.suptitle(f"gemma-edge bench - {cpu}", fontsize=9)
+    fig.tight_layout()
+    import io
+
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110)
+    plt.close(fig)
+    atomic_write_bytes(Path(path), buffer.getvalue())

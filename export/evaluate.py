@@ -1,0 +1,228 @@
+"""``gemma-edge eval``: how much of float EmbeddingGemma each exported precision keeps.
+
+Against float sentence-transformers on the project's held-out multilingual
+retrieval set (never used for calibration): per-text cosine (mean, min, 1st
+percentile), retrieval Recall@1 / MRR / nDCG@10 float vs quantised, per MRL dim
+and per query language, and optionally a per-layer sensitivity report (SNR of
+every tensor of the quantised graph vs the float graph, grouped by layer and op
+group). Writes JSON and a PNG chart.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+from collections import defaultdict
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import numpy as np
+
+PRECISION_ROLE = {"float": "float", "int8": "int8", "full-int8": "edgetpu"}
+
+
+def _doc_texts(docs: Sequence[dict[str, Any]]) -> list[str]:
+    return [f"title: {d.get('title') or 'none'} | text: {d['text']}" for d in docs]
+
+
+def evaluate(art_dir: Path, checkpoint_dir: Path, precisions: Sequence[str],
+             dims: Optional[Sequence[int]] = None, quick: bool = False) -> dict[str, Any]:
+    from gemma_edge.datasets import load_heldout
+    from gemma_edge.device import Embedder
+    from gemma_edge.device.embedder import truncate_dim
+    from gemma_edge.manifest import graphs_for_role, load_manifest
+
+    from . import verify
+    from .metrics import retrieval_metrics, same_ranking_share
+
+    manifest = load_manifest(art_dir)
+    queries, docs = load_heldout()
+    if quick:  # every query, every document (distractors matter), fewer dims
+        dims = dims or [manifest["model"]["output_dim"], min(manifest["model"]["mrl_dims"])]
+    dims = [int(d) for d in (dims or manifest["model"]["mrl_dims"])]
+    doc_index = {d["id"]: i for i, d in enumerate(docs)}
+    relevant = [[doc_index[r] for r in q["relevant"]] for q in queries]
+    q_texts = [q["text"] for q in queries]
+    d_texts = _doc_texts(docs)
+
+    max_tokens = max(manifest["buckets"])
+    reference = verify.reference_model(Path(checkpoint_dir), max_tokens)
+    ref_q = verify.reference_embeddings(reference, q_texts, "query")
+    ref_d = verify.reference_embeddings(reference, d_texts, None)
+    report: dict[str, Any] = {"queries": len(queries), "documents": len(docs),
+                              "dims": dims, "precisions": {}}
+    langs = sorted({q["lang"] for q in queries})
+    for precision in precisions:
+        if not graphs_for_role(manifest, PRECISION_ROLE[precision]):
+            continue
+        emb = Embedder(art_dir, backend="cpu", precision=precision)
+        ours_q = emb.encode_query(q_texts)
+        ours_d = emb.encode(d_texts, prompt="")
+        per_dim: dict[str, Any] = {}
+        for dim in dims:
+            rq, rd = truncate_dim(ref_q, dim), truncate_dim(ref_d, dim)
+            oq, od = truncate_dim(ours_q, dim), truncate_dim(ours_d, dim)
+            cos = np.concatenate([verify.cosine_rows(oq, rq), verify.cosine_rows(od, rd)])
+            ref_scores, our_scores = rq @ rd.T, oq @ od.T
+            entry = {
+                "cosine": {"mean": float(cos.mean()), "min": float(cos.min()),
+                           "p1": float(np.percentile(cos, 1))},
+                "reference": retrieval_metrics(ref_scores, relevant),
+                "ours": retrieval_metrics(our_scores, relevant),
+                "same_top10_order": same_ranking_share(ref_scores, our_scores),
+                "per_language": {},
+            }
+            entry["mrr_delta"] = entry["ours"]["mrr"] - entry["reference"]["mrr"]
+            for lang in langs:
+                rows = [i for i, q in enumerate(queries) if q["lang"] == lang]
+                sub = [relevant[i] for i in rows]
+                entry["per_language"][lang] = {
+                    "queries": len(rows),
+                    "reference_mrr": retrieval_metrics(ref_scores[rows], sub)["mrr"],
+                    "ours_mrr": retrieval_metrics(our_scores[rows], sub)["mrr"]}
+            per_dim[str(dim)] = entry
+        report["precisions"][precision] = per_dim
+    return report
+
+
+# -- per-layer sensitivity ------------------------------------------------------------------
+_LAYER = re.compile(r"layers[._/](\d+)")
+_GROUPS = (("attention", ("q_proj", "k_proj", "v_proj", "o_proj", "q_norm", "k_norm",
+                          "softmax", "attention", "rope")),
+           ("mlp", ("gate_proj", "up_proj", "down_proj", "gelu")),
+           ("norm", ("norm",)),
+           ("head", ("dense", "pool")))
+
+
+def op_group(tensor_name: str) -> tuple[str, str]:
+    """(layer, group) of a tensor name as litert-torch names them."""
+    match = _LAYER.search(tensor_name)
+    layer = f"layer {int(match.group(1)):02d}" if match else "outside layers"
+    lowered = tensor_name.lower()
+    group = next((g for g, keys in _GROUPS if any(k in lowered for k in keys)), "other")
+    return layer, group
+
+
+def sensitivity(checkpoint_dir: Path, art_dir: Path, precision: str, seq_len: int,
+                samples: int = 4) -> dict[str, Any]:
+    """Mean SNR (dB) of the quantised graph's tensors vs float, per layer and op group."""
+    from ai_edge_quantizer import quantizer
+    from ai_edge_quantizer.utils import validation_utils
+
+    from gemma_edge.manifest import find_graph, load_manifest
+
+    from .calibration import calibration_set
+    from .checkpoint import load_checkpoint
+    from .convert import convert_buckets
+    from .encoder import BucketEncoder, build_encoder
+
+    manifest = load_manifest(art_dir)
+    graph = find_graph(manifest, PRECISION_ROLE[precision], seq_len)
+    if graph is None:
+        raise ValueError(f"no {precision} graph for bucket {seq_len}")
+    core, _ = build_encoder(load_checkpoint(checkpoint_dir))
+    float_model = convert_buckets(
+        {seq_len: BucketEncoder(core, seq_len, graph.get("mask_penalty", 1e4)).eval()},
+        core.spec.hidden_size, int(graph["pool_slots"])).model_content()
+    quantized = (Path(art_dir) / graph["path"]).read_bytes()
+    qt = quantizer.Quantizer(bytearray(float_model), previous_quantized_model=bytearray(quantized))
+    data = calibration_set(art_dir, [seq_len], samples)[seq_len]
+    result = qt.validate({f"encode_{seq_len}": data},
+                         error_metrics=[validation_utils.ValidationErrorMetric.SNR],
+                         num_threads=2)
+    groups: dict[str, list[float]] = defaultdict(list)
+    for name, metrics in result.get_all_tensor_results().items():
+        snr = metrics.get("snr") if isinstance(metrics, dict) else None
+        if snr is None or not np.isfinite(snr):
+            continue
+        layer, group = op_group(name)
+        groups[f"{layer} / {group}"].append(float(snr))
+    return {key: {"mean_snr_db": float(np.mean(v)), "min_snr_db": float(np.min(v)),
+                  "tensors": len(v)} for key, v in sorted(groups.items())}
+
+
+# -- report ---------------------------------------------------------------------------------
+def print_report(report: dict[str, Any]) -> None:
+    print(f"held-out set: {report['queries']} queries, {report['documents']} documents")
+    for precision, per_dim in report["precisions"].items():
+        for dim, e in per_dim.items():
+            c, r, o = e["cosine"], e["reference"], e["ours"]
+            print(f"{precision:>9} @ {dim:>4}: cosine mean {c['mean']:.4f} min {c['min']:.4f} "
+                  f"p1 {c['p1']:.4f} | MRR {o['mrr']:.4f} (float ST {r['mrr']:.4f}, "
+                  f"delta {e['mrr_delta']:+.4f}) R@1 {o['recall@1']:.3f} "
+                  f"nDCG@10 {o['ndcg@10']:.4f} | same top-10 {e['same_top10_order']:.2f}")
+
+
+def plot_report(report: dict[str, Any], path: Path) -> None:
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from gemma_edge.manifest import atomic_write_bytes
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    for precision, per_dim in report["precisions"].items():
+        dims = [int(d) for d in per_dim]
+        left.plot(dims, [per_dim[str(d)]["ours"]["mrr"] for d in dims], "o-", label=precision)
+        right.plot(dims, [per_dim[str(d)]["cosine"]["min"] for d in dims], "o-", label=precision)
+    any_prec = next(iter(report["precisions"].values()), {})
+    dims = [int(d) for d in any_prec]
+    if dims:
+        left.plot(dims, [any_prec[str(d)]["reference"]["mrr"] for d in dims], "k--",
+                  label="float sentence-transformers")
+    for ax, title in ((left, "MRR on held-out retrieval"), (right, "min cosine to float")):
+        ax.set_xlabel("Matryoshka dimension")
+        ax.set_title(title)
+        ax.invert_xaxis()
+        ax.legend()
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110)
+    plt.close(fig)
+    atomic_write_bytes(Path(path), buffer.getvalue())
+
+
+def run(args: argparse.Namespace) -> int:
+    from gemma_edge.manifest import atomic_write_json
+
+    from .checkpoint import resolve_checkpoint
+
+    ckpt = resolve_checkpoint(args.checkpoint)
+    report = evaluate(args.artifacts, ckpt, args.precisions.split(","), args.dims)
+    print_report(report)
+    if args.sensitivity:
+        report["sensitivity"] = sensitivity(ckpt, args.artifacts, args.sensitivity_precision,
+                                            args.sensitivity_bucket)
+        worst = sorted(report["sensitivity"].items(), key=lambda kv: kv[1]["mean_snr_db"])[:8]
+        print("least faithful layer/op groups (mean SNR, dB):")
+        for key, value in worst:
+            print(f"  {key:<28} {value['mean_snr_db']:6.1f}")
+    if args.json:
+        atomic_write_json(args.json, report)
+        print(f"wrote {args.json}")
+    if args.plot:
+        plot_report(report, args.plot)
+        print(f"wrote {args.plot}")
+    return 0
+
+
+def _int_list(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x]
+
+
+def register(sub: Any) -> None:
+    p = sub.add_parser("eval", help="fidelity and retrieval quality of each precision vs float")
+    p.add_argument("--artifacts", required=True, type=Path)
+    p.add_argument("--checkpoint", required=True, help="the checkpoint the export came from")
+    p.add_argument("--dims", type=_int_list, default=None, help="default: the model's MRL dims")
+    p.add_argument("--precisions", default="float,int8,full-int8")
+    p.add_argument("--sensitivity", action="store_true",
+                   help="per-layer SNR of the quantised graph vs float (converts one bucket)")
+    p.add_argument("--sensitivity-precision", default="int8", choices=("int8", "full-int8"))
+    p.add_argument("--sensitivity-bucket", type=int, default=64)
+    p.add_argument("--json", type=Path, default=Path("build/eval.json"))
+    p.add_argument("--plot", type=Path, default=Path("build/eval.png"))
+    p.set_defaults(func=run)

@@ -1,0 +1,88 @@
+"""Benchmark, evaluation and embed commands on the tiny export."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from gemma_edge.cli import main
+from gemma_edge.device import bench
+
+
+def test_measure_reports_every_figure(tiny_artifacts):
+    result = bench.measure(tiny_artifacts, "cpu", "int8", runs=3, bulk=12, threads=1)
+    assert set(result["buckets"]) == {"16", "32", "64"}
+    for stats in result["buckets"].values():
+        assert 0 < stats["p50"] <= stats["p90"] <= stats["p99"]
+    assert set(result["query_stages_ms"]) == {"tokenize", "lookup", "invoke", "post"}
+    assert result["bulk_packed_texts_per_s"] > 0 and result["peak_rss_mb"] > 10
+    assert result["graph_role"] == "int8"
+
+
+def _report(float_ms: float, int8_ms: float) -> dict:
+    return {"results": {p: {"buckets": {"256": {"p50": ms}}}
+                        for p, ms in (("float", float_ms), ("int8", int8_ms))}}
+
+
+def test_latency_check_compares_ratios(capsys):
+    assert bench.latency_check(_report(100.0, 45.0), 0.5) == 0
+    assert bench.latency_check(_report(100.0, 55.0), 0.5) == 1
+    assert "FAIL" in capsys.readouterr().out
+
+
+def test_bench_cli_writes_json_and_plot(tiny_artifacts, tmp_path):
+    out, png = tmp_path / "b.json", tmp_path / "b.png"
+    code = main(["bench", "--artifacts", str(tiny_artifacts), "--runs", "3", "--bulk", "8",
+                 "--precisions", "float,int8", "--json", str(out), "--plot", str(png)])
+    assert code == 0
+    report = json.loads(out.read_text())
+    assert set(report["results"]) == {"float", "int8"}
+    assert png.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_eval_on_heldout(tiny_artifacts, tiny_checkpoint, tmp_path):
+    from gemma_edge.export.evaluate import evaluate
+
+    report = evaluate(tiny_artifacts, tiny_checkpoint, ["float", "int8"], dims=[256, 128])
+    f = report["precisions"]["float"]["256"]
+    assert f["cosine"]["min"] > 0.9999
+    assert abs(f["mrr_delta"]) < 1e-3
+    assert report["queries"] >= 100 and "en" in f["per_language"]
+    q = report["precisions"]["int8"]["128"]
+    assert 0.9 < q["cosine"]["mean"] < 1.0
+
+
+def test_embed_cli(tiny_artifacts, tmp_path, capsys):
+    src = tmp_path / "in.jsonl"
+    src.write_text('{"text": "hello"}\n{"text": "world"}\n', encoding="utf-8")
+    out = tmp_path / "out.npy"
+    assert main(["embed", "--artifacts", str(tiny_artifacts), "--input", str(src),
+                 "--output", str(out), "--dim", "128", "--backend", "cpu"]) == 0
+    vectors = np.load(out)
+    assert vectors.shape == (2, 128)
+    np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
+
+
+@pytest.mark.parametrize("content,message", [
+    ('{"txt": 1}\n', "string 'text'"),
+    ("{oops\n", "not JSON"),
+    ("", "no texts"),
+])
+def test_embed_cli_bad_input(tiny_artifacts, tmp_path, capsys, content, message):
+    src = tmp_path / "in.jsonl"
+    src.write_text(content, encoding="utf-8")
+    code = main(["embed", "--artifacts", str(tiny_artifacts), "--input", str(src),
+                 "--output", str(tmp_path / "o.npy")])
+    assert code == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "o.npy").exists()
+
+
+def test_embed_cli_missing_artifacts(tmp_path, capsys):
+    src = tmp_path / "in.txt"
+    src.write_text("x\n")
+    code = main(["embed", "--artifacts", str(tmp_path / "nope"), "--input", str(src),
+                 "--output", str(tmp_path / "o.npy")])
+    assert code == 2 and "not a directory" in capsys.readouterr().err
