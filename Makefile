@@ -31,6 +31,9 @@ test: $(STAMP)
 demo: $(STAMP)  ## whole pipeline offline on a tiny random Gemma3 built in code
 	$(BIN)/gemma-edge demo --workdir build/demo
 
+calibration: $(STAMP)  ## corpus -> calibration tensors per bucket (needs an export in $(OUT))
+	$(BIN)/gemma-edge calibration --artifacts "$(OUT)" --out build/calibration
+
 eval: $(STAMP)
 	$(BIN)/gemma-edge eval --artifacts "$(OUT)" --checkpoint "$(CHECKPOINT)"
 

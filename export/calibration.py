@@ -38,8 +38,10 @@ def bucket_samples(embedder: Any, token_ids: Sequence[Sequence[int]], seq_len: i
     rng = random.Random(seed + seq_len)
     lower = max((b for b in embedder.buckets if b < seq_len), default=0)
     singles = [ids for ids in token_ids if lower < len(ids) <= seq_len]
-    if not singles:  # the corpus has no text of this size: use the longest that fit
-        singles = sorted((ids for ids in token_ids if len(ids) <= seq_len), key=len)[-count:]
+    if len(singles) < count:  # too few texts of this size: add longer ones cut to the bucket,
+        # as the device cuts them (keeping the final EOS)
+        longer = [list(ids[:seq_len - 1]) + [ids[-1]] for ids in token_ids if len(ids) > seq_len]
+        singles += longer[:count - len(singles)]
     short = [ids for ids in token_ids if len(ids) <= seq_len // 2]
     samples: list[dict[str, np.ndarray]] = []
     n_single = count - count // 2 if short else count
@@ -74,3 +76,32 @@ def calibration_set(art_dir: Path, buckets: Sequence[int], per_bucket: int,
     emb = Embedder(art_dir, backend="cpu", precision="float")
     ids = corpus_token_ids(emb, rows)
     return {t: bucket_samples(emb, ids, t, per_bucket) for t in buckets}
+
+
+def write_calibration(art_dir: Path, out_dir: Path, per_bucket: int) -> dict[int, Path]:
+    """``make calibration``: one ``calibration_<T>.npz`` per bucket (embeddings, mask, pool)."""
+    import io as _io
+
+    from gemma_edge.manifest import atomic_write_bytes, load_manifest
+
+    buckets = load_manifest(art_dir)["buckets"]
+    written = {}
+    for seq_len, samples in calibration_set(art_dir, buckets, per_bucket).items():
+        arrays = {key: np.concatenate([s[key] for s in samples]) for key in samples[0]}
+        buffer = _io.BytesIO()
+        np.savez_compressed(buffer, **arrays)
+        path = Path(out_dir) / f"calibration_{seq_len}.npz"
+        atomic_write_bytes(path, buffer.getvalue())
+        written[seq_len] = path
+        print(f"{path}: {len(samples)} samples "
+              + ", ".join(f"{k} {tuple(v.shape)}" for k, v in arrays.items()))
+    return written
+
+
+def register(sub: Any) -> None:
+    p = sub.add_parser("calibration", help="corpus -> calibration tensors for every bucket")
+    p.add_argument("--artifacts", required=True, type=Path,
+                   help="an export (its tokenizer, table and buckets are used)")
+    p.add_argument("--out", type=Path, default=Path("build/calibration"))
+    p.add_argument("--per-bucket", type=int, default=64)
+    p.set_defaults(func=lambda a: (write_calibration(a.artifacts, a.out, a.per_bucket), 0)[1])

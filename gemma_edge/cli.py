@@ -163,7 +163,8 @@ def _optional_subcommands() -> list[Callable[[Any], None]]:
     import importlib
 
     found = []
-    for module in ("gemma_edge.export.evaluate", "gemma_edge.compile.cli",
+    for module in ("gemma_edge.export.evaluate", "gemma_edge.export.calibration",
+                   "gemma_edge.compile.cli",
                    "gemma_edge.device.bench", "gemma_edge.device.apps"):
         try:
             found.append(importlib.import_module(module).register)

@@ -86,3 +86,14 @@ def test_embed_cli_missing_artifacts(tmp_path, capsys):
     code = main(["embed", "--artifacts", str(tmp_path / "nope"), "--input", str(src),
                  "--output", str(tmp_path / "o.npy")])
     assert code == 2 and "not a directory" in capsys.readouterr().err
+
+
+def test_calibration_tensors_per_bucket(tiny_artifacts, tmp_path):
+    assert main(["calibration", "--artifacts", str(tiny_artifacts), "--out", str(tmp_path),
+                 "--per-bucket", "6"]) == 0
+    for seq_len in (16, 32, 64):
+        data = np.load(tmp_path / f"calibration_{seq_len}.npz")
+        assert data["embeddings"].shape == (6, seq_len, 96)
+        assert data["mask"].shape == (6, seq_len, seq_len) and data["pool"].shape == (6, 4, seq_len)
+        assert (data["pool"].sum(axis=(1, 2)) > 0).all()  # every sample pools real tokens
+        assert set(np.unique(data["mask"])) <= {0.0, 1.0}

@@ -1,0 +1,37 @@
+"""The project's own corpora are what the brief says they are, and never overlap."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+from gemma_edge.datasets import load_calibration_corpus, load_heldout
+
+PROMPTS = {"query", "document", "Classification", "Clustering", "STS", "Summarization",
+           "InstructionRetrieval"}
+
+
+def test_calibration_corpus_shape():
+    rows = load_calibration_corpus()
+    assert len(rows) >= 1000
+    langs = Counter(r["lang"] for r in rows)
+    assert len(langs) >= 16, langs
+    domains = {r["domain"] for r in rows}
+    assert {"web", "code", "chat", "science", "legal", "product"} <= domains
+    assert {r["kind"] for r in rows} == {"query", "document"}
+    assert {r["prompt"] for r in rows} <= PROMPTS
+    assert len({r["id"] for r in rows}) == len(rows)
+    words = sorted(len(r["text"].split()) for r in rows if r["lang"] not in ("zh", "ja"))
+    assert words[-1] >= 300, "long documents reaching the 512-token bucket are needed"
+
+
+def test_heldout_set_shape_and_separation():
+    queries, docs = load_heldout()
+    assert len({q["lang"] for q in queries}) >= 8
+    assert sum(bool(q.get("cross_lingual")) for q in queries) >= 20
+    doc_lang = {d["id"]: d["lang"] for d in docs}
+    for q in queries:
+        crosses = any(doc_lang[r] != q["lang"] for r in q["relevant"])
+        assert crosses == bool(q.get("cross_lingual")), q["id"]
+    calibration = {r["text"].strip() for r in load_calibration_corpus()}
+    held = {d["text"].strip() for d in docs} | {q["text"].strip() for q in queries}
+    assert not calibration & held, "held-out texts must never be in the calibration corpus"
