@@ -26,7 +26,7 @@ normalisation cancels the 1/n, and 0/1 pooling inputs quantise exactly.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Optional, Sequence
+from typing import Any, NamedTuple, Optional, Sequence
 
 import torch
 from torch import nn
@@ -121,6 +121,22 @@ def band_bias(seq_len: int, radius: int, penalty: float) -> torch.Tensor:
     return torch.where(inside, 0.0, -penalty).to(torch.float32)
 
 
+class RopeTables(NamedTuple):
+    """cos and sign-folded sin for keys [T, D] and for all query heads stacked [T*H, D]."""
+
+    cos: torch.Tensor
+    sin: torch.Tensor
+    cos_q: torch.Tensor
+    sin_q: torch.Tensor
+
+
+def rope_for_heads(seq_len: int, head_dim: int, theta: float, heads: int) -> RopeTables:
+    cos, sin = rope_tables(seq_len, head_dim, theta)
+    half = head_dim // 2
+    sin = torch.cat([-sin[:, :half], sin[:, half:]], dim=-1)  # rotate_half's sign
+    return RopeTables(cos, sin, cos.repeat_interleave(heads, 0), sin.repeat_interleave(heads, 0))
+
+
 class RMSNorm(nn.Module):
     """Gemma RMSNorm with the (1 + w) gain folded into one constant."""
 
@@ -162,33 +178,48 @@ class EncoderLayer(nn.Module):
         self.up_proj = _linear(sd[prefix + "mlp.up_proj.weight"])
         self.down_proj = _linear(sd[prefix + "mlp.down_proj.weight"])
 
-    def _rope(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        # Fused projections: one FULLY_CONNECTED instead of three (q, k, v) and two (gate,
+        # up). Same weights, same function; half the ops, which dominate at short lengths.
+        self.qkv_proj = _linear(torch.cat([self.q_proj.weight, self.k_proj.weight,
+                                           self.v_proj.weight]))
+        self.gate_up_proj = _linear(torch.cat([self.gate_proj.weight, self.up_proj.weight]))
+        self.intermediate = self.gate_proj.weight.shape[0]
+
+    def _rope(self, x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> torch.Tensor:
+        """x * cos + rotate_half(x) * sin, with rotate_half's sign folded into the sin table."""
         half = self.head_dim // 2
-        rotated = torch.cat([-x[:, half:], x[:, :half]], dim=-1)
-        return x * cos + rotated * sin
+        return x * cos + torch.cat([x[:, half:], x[:, :half]], dim=-1) * sin_signed
 
-    def attention(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                  bias: torch.Tensor) -> torch.Tensor:
-        hd, group = self.head_dim, self.num_heads // self.num_kv
-        q, k, v = self.q_proj(h), self.k_proj(h), self.v_proj(h)
-        keys, values = [], []
-        for g in range(self.num_kv):
-            k_g = self._rope(self.k_norm(k[:, g * hd:(g + 1) * hd]), cos, sin)
-            keys.append(k_g.transpose(0, 1))
-            values.append(v[:, g * hd:(g + 1) * hd])
-        heads = []
-        for i in range(self.num_heads):
-            q_i = self._rope(self.q_norm(q[:, i * hd:(i + 1) * hd]), cos, sin)
-            scores = q_i @ keys[i // group] + bias
-            heads.append(torch.softmax(scores, dim=-1) @ values[i // group])
-        return self.o_proj(torch.cat(heads, dim=-1))
+    def attention(self, h: torch.Tensor, rope: RopeTables, bias: torch.Tensor) -> torch.Tensor:
+        hd, heads, kv = self.head_dim, self.num_heads, self.num_kv
+        qkv = self.qkv_proj(h)
+        seq = h.shape[0]
+        q = qkv[:, :heads * hd]
+        k = qkv[:, heads * hd:(heads + kv) * hd]
+        v = qkv[:, (heads + kv) * hd:]
+        if kv == 1:
+            # All query heads at once against the single KV head: rows t*H + h of one
+            # [T*H, head_dim] matrix, so norms, RoPE, QK^T, softmax and PV are one op each.
+            keys = self._rope(self.k_norm(k), rope.cos, rope.sin).transpose(0, 1)
+            q_all = self._rope(self.q_norm(q.reshape(seq * heads, hd)), rope.cos_q, rope.sin_q)
+            scores = (q_all @ keys).reshape(seq, heads, seq) + bias.unsqueeze(1)
+            probs = torch.softmax(scores, dim=-1).reshape(seq * heads, seq)
+            return self.o_proj((probs @ v).reshape(seq, heads * hd))
+        group = heads // kv
+        outs = []
+        for i in range(heads):  # grouped-query attention: explicit per head
+            g = i // group
+            k_g = self._rope(self.k_norm(k[:, g * hd:(g + 1) * hd]), rope.cos, rope.sin)
+            q_i = self._rope(self.q_norm(q[:, i * hd:(i + 1) * hd]), rope.cos, rope.sin)
+            probs = torch.softmax(q_i @ k_g.transpose(0, 1) + bias, dim=-1)
+            outs.append(probs @ v[:, g * hd:(g + 1) * hd])
+        return self.o_proj(torch.cat(outs, dim=-1))
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                bias: torch.Tensor) -> torch.Tensor:
-        x = x + self.post_attn_norm(self.attention(self.input_norm(x), cos, sin, bias))
-        h = self.pre_ff_norm(x)
-        mlp = self.down_proj(nn.functional.gelu(self.gate_proj(h), approximate="tanh")
-                             * self.up_proj(h))
+    def forward(self, x: torch.Tensor, rope: RopeTables, bias: torch.Tensor) -> torch.Tensor:
+        x = x + self.post_attn_norm(self.attention(self.input_norm(x), rope, bias))
+        gate_up = self.gate_up_proj(self.pre_ff_norm(x))
+        gate, up = gate_up[:, :self.intermediate], gate_up[:, self.intermediate:]
+        mlp = self.down_proj(nn.functional.gelu(gate, approximate="tanh") * up)
         return x + self.post_ff_norm(mlp)
 
 
@@ -221,9 +252,9 @@ class BucketEncoder(nn.Module):
         spec = core.spec
         self.is_sliding = [t == "sliding_attention" for t in spec.layer_types]
         for name, theta in (("global", spec.rope_theta_global), ("local", spec.rope_theta_local)):
-            cos, sin = rope_tables(seq_len, spec.head_dim, theta)
-            self.register_buffer(f"cos_{name}", cos, persistent=False)
-            self.register_buffer(f"sin_{name}", sin, persistent=False)
+            tables = rope_for_heads(seq_len, spec.head_dim, theta, spec.num_heads)
+            for field_name, value in zip(RopeTables._fields, tables):
+                self.register_buffer(f"{field_name}_{name}", value, persistent=False)
         self.register_buffer("band", band_bias(seq_len, spec.window_radius, mask_penalty),
                              persistent=False)
         self.needs_band = any(self.is_sliding) and spec.window_radius < seq_len
@@ -235,11 +266,13 @@ class BucketEncoder(nn.Module):
         x = embeddings[0] * self.embed_scale
         bias_full = (mask[0] - 1.0) * self.mask_penalty
         bias_local = bias_full + self.band if self.needs_band else bias_full
+        local = RopeTables(*(getattr(self, f"{f}_local") for f in RopeTables._fields))
+        glob = RopeTables(*(getattr(self, f"{f}_global") for f in RopeTables._fields))
         for layer, sliding in zip(core.layers, self.is_sliding):
             if sliding:
-                x = layer(x, self.cos_local, self.sin_local, bias_local)
+                x = layer(x, local, bias_local)
             else:
-                x = layer(x, self.cos_global, self.sin_global, bias_full)
+                x = layer(x, glob, bias_full)
         x = core.final_norm(x)
         pooled = pool[0] @ x
         if core.dense_has_bias:

@@ -48,7 +48,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .encoder import BucketEncoder, EncoderCore, EncoderLayer, band_bias, rope_tables
+from .encoder import EncoderCore, EncoderLayer, band_bias, rope_tables
 
 DEFAULT_INT8_MASK_PENALTY = 40.0
 
@@ -59,32 +59,48 @@ def _lin(weight: torch.Tensor) -> nn.Linear:
     return layer
 
 
-def _mean_square(weights: torch.Tensor) -> nn.Linear:
-    """FULLY_CONNECTED [H -> 1]: mean over channels of (v_c / weights_c)^2 given v*v."""
-    h = weights.numel()
-    return _lin((1.0 / (weights.double() ** 2 * h)).float()[None, :])
+class MeanSquareNorm(nn.Module):
+    """``v * rsqrt(mean_c((v_c / w_c)^2) + eps)``: RMSNorm of ``v / w`` applied to ``v``.
+
+    The weighted mean is a FULLY_CONNECTED of ``v * v`` whose weights ``1/(w^2 H)``
+    span up to 1e9 on EmbeddingGemma; one row would quantise all but the largest to
+    zero, so channels are grouped by weight magnitude (a factor <= 16 per group), one
+    output row per group (per-row int8 weight scales), then summed. Weights are
+    normalised to max 1 and the factor returns exactly as a scalar on the rsqrt:
+    rsqrt(k ms + k eps) * sqrt(k) = rsqrt(ms + eps).
+    """
+
+    def __init__(self, weights: torch.Tensor, eps: float, group_ratio: float = 16.0):
+        super().__init__()
+        w = 1.0 / (weights.double() ** 2 * weights.numel())
+        k = 1.0 / float(w.max())
+        w = w * k
+        group = torch.floor(-torch.log(w) / np.log(group_ratio)).long()
+        rows = [torch.where(group == g, w, torch.zeros_like(w)) for g in torch.unique(group)]
+        self.ms = _lin(torch.stack(rows).float())
+        self.eps = eps * k
+        self.root_k = k ** 0.5
+
+    def forward(self, v: torch.Tensor) -> torch.Tensor:
+        ms = self.ms(v * v).sum(-1, keepdim=True)
+        return v * (torch.rsqrt(ms + self.eps) * self.root_k)
 
 
-@torch.no_grad()
-def stream_absmax(core: EncoderCore, samples: Sequence[dict[str, np.ndarray]]) -> torch.Tensor:
-    """Per-channel max |x| of the residual stream over all layers and calibration samples."""
-    amax = torch.zeros(core.spec.hidden_size)
-    encoders: dict[int, BucketEncoder] = {}
-    for s in samples:
-        t = int(s["embeddings"].shape[1])
-        enc = encoders.setdefault(t, BucketEncoder(core, t).eval())
-        x = torch.from_numpy(s["embeddings"])[0] * enc.embed_scale
-        mask = torch.from_numpy(s["mask"])[0]
-        bias_full = (mask - 1.0) * enc.mask_penalty
-        bias_local = bias_full + enc.band if enc.needs_band else bias_full
-        amax = torch.maximum(amax, x.abs().amax(0))
-        for layer, sliding in zip(core.layers, enc.is_sliding):
-            if sliding:
-                x = layer(x, enc.cos_local, enc.sin_local, bias_local)
-            else:
-                x = layer(x, enc.cos_global, enc.sin_global, bias_full)
-            amax = torch.maximum(amax, x.abs().amax(0))
-    return amax
+class GainNorm(nn.Module):
+    """A post-norm: ``v * rsqrt(mean(v^2) + eps) * gain``; ``gain`` includes the stream's d.
+
+    The mean uses uniform FC weights (exact in int8). The gain is a MUL by a constant
+    vector with one int8 scale: its small entries lose relative precision, but the
+    error is below the step of the stream tensor it is added to.
+    """
+
+    def __init__(self, gain: torch.Tensor, eps: float):
+        super().__init__()
+        self.norm = MeanSquareNorm(torch.ones(gain.numel()), eps)
+        self.gain = nn.Parameter(gain.float(), requires_grad=False)
+
+    def forward(self, v: torch.Tensor) -> torch.Tensor:
+        return self.norm(v) * self.gain
 
 
 def stream_scale(absmax: torch.Tensor, beta: float = 1.0) -> torch.Tensor:
@@ -93,114 +109,116 @@ def stream_scale(absmax: torch.Tensor, beta: float = 1.0) -> torch.Tensor:
     return ((a.median() / a) ** beta).float()
 
 
+def _rope(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> torch.Tensor:
+    """x * cos + rotate_half(x) * sin with rotate_half's sign folded into the sin table."""
+    half = x.shape[-1] // 2
+    return x * cos + torch.cat([x[:, half:], x[:, :half]], dim=-1) * sin_signed
+
+
+class HeadNorm(nn.Module):
+    """The q/k RMSNorm over one head (gain and the score scale as one constant)."""
+
+    def __init__(self, norm: nn.Module):
+        super().__init__()
+        self.gain = nn.Parameter(norm.gain.detach().clone(), requires_grad=False)
+        self.eps = norm.eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.rsqrt((x * x).mean(-1, keepdim=True) + self.eps) * self.gain
+
+
 class Int8Layer(nn.Module):
     """One EncoderLayer with the norm gains and the stream scale folded into its weights."""
 
     def __init__(self, layer: EncoderLayer, d: torch.Tensor):
         super().__init__()
         self.num_heads, self.num_kv, self.head_dim = layer.num_heads, layer.num_kv, layer.head_dim
-        self.eps = layer.input_norm.eps
+        eps = layer.input_norm.eps
         d = d.double()
         g_in = layer.input_norm.gain.double() / d
-        self.ms_stream = _mean_square(d.float())
+        self.norm_stream = MeanSquareNorm(d, eps)
         self.q_proj = _lin(layer.q_proj.weight.double() * g_in)
         self.k_proj = _lin(layer.k_proj.weight.double() * g_in)
         self.v_proj = _lin(layer.v_proj.weight.double() * g_in)
-        self.q_norm, self.k_norm = layer.q_norm, layer.k_norm
+        self.q_norm, self.k_norm = HeadNorm(layer.q_norm), HeadNorm(layer.k_norm)
         g_pa = layer.post_attn_norm.gain.double() * d
-        self.o_proj = _lin(layer.o_proj.weight.double() * g_pa[:, None])
-        self.ms_attn = _mean_square(g_pa.float())
+        self.o_proj = _lin(layer.o_proj.weight)
+        self.norm_attn = GainNorm(g_pa, eps)
         g_ff = layer.pre_ff_norm.gain.double() / d
         self.gate_proj = _lin(layer.gate_proj.weight.double() * g_ff)
         self.up_proj = _lin(layer.up_proj.weight.double() * g_ff)
         g_pf = layer.post_ff_norm.gain.double() * d
-        self.down_proj = _lin(layer.down_proj.weight.double() * g_pf[:, None])
-        self.ms_mlp = _mean_square(g_pf.float())
-        self._rope = layer._rope
+        self.down_proj = _lin(layer.down_proj.weight)
+        self.norm_mlp = GainNorm(g_pf, eps)
 
-    def _norm(self, v: torch.Tensor, ms: nn.Linear) -> torch.Tensor:
-        return v * torch.rsqrt(ms(v * v) + self.eps)
-
-    def forward(self, r: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                keep: torch.Tensor, drop: torch.Tensor) -> torch.Tensor:
-        hd, group = self.head_dim, self.num_heads // self.num_kv
-        h = self._norm(r, self.ms_stream)
+    def attention(self, h: torch.Tensor, rope: tuple[torch.Tensor, ...], keep: torch.Tensor,
+                  drop: torch.Tensor) -> torch.Tensor:
+        cos, sin, cos_q, sin_q = rope
+        hd, heads, kv = self.head_dim, self.num_heads, self.num_kv
+        seq = h.shape[0]
         q, k, v = self.q_proj(h), self.k_proj(h), self.v_proj(h)
-        keys, values = [], []
-        for g in range(self.num_kv):
-            keys.append(self._rope(self.k_norm(k[:, g * hd:(g + 1) * hd]), cos, sin).transpose(0, 1))
-            values.append(v[:, g * hd:(g + 1) * hd])
-        heads = []
-        for i in range(self.num_heads):
-            q_i = self._rope(self.q_norm(q[:, i * hd:(i + 1) * hd]), cos, sin)
-            scores = (q_i @ keys[i // group]) * keep + drop
-            heads.append(torch.softmax(scores, dim=-1) @ values[i // group])
-        r = r + self._norm(self.o_proj(torch.cat(heads, dim=-1)), self.ms_attn)
-        h = self._norm(r, self.ms_stream)
+        if kv == 1:  # every query head against the one KV head: one op each, rows t*H + h
+            keys = _rope(self.k_norm(k), cos, sin).transpose(0, 1)
+            q_all = _rope(self.q_norm(q.reshape(seq * heads, hd)), cos_q, sin_q)
+            scores = (q_all @ keys).reshape(seq, heads, seq) * keep.unsqueeze(1) \
+                + drop.unsqueeze(1)
+            probs = torch.softmax(scores, dim=-1).reshape(seq * heads, seq)
+            return self.o_proj((probs @ v).reshape(seq, heads * hd))
+        group = heads // kv
+        outs = []
+        for i in range(heads):
+            g = i // group
+            k_g = _rope(self.k_norm(k[:, g * hd:(g + 1) * hd]), cos, sin)
+            q_i = _rope(self.q_norm(q[:, i * hd:(i + 1) * hd]), cos, sin)
+            scores = (q_i @ k_g.transpose(0, 1)) * keep + drop
+            outs.append(torch.softmax(scores, dim=-1) @ v[:, g * hd:(g + 1) * hd])
+        return self.o_proj(torch.cat(outs, dim=-1))
+
+    def forward(self, r: torch.Tensor, rope: tuple[torch.Tensor, ...], keep: torch.Tensor,
+                drop: torch.Tensor) -> torch.Tensor:
+        r = r + self.norm_attn(self.attention(self.norm_stream(r), rope, keep, drop))
+        h = self.norm_stream(r)
         mlp = self.down_proj(nn.functional.gelu(self.gate_proj(h), approximate="tanh")
                              * self.up_proj(h))
-        return r + self._norm(mlp, self.ms_mlp)
+        return r + self.norm_mlp(mlp)
 
 
 class Int8Core(nn.Module):
-    """Folded weights shared by every bucket (built once from an EncoderCore)."""
+    """Folded weights shared by every bucket (built once from an EncoderCore).
 
-    def __init__(self, core: EncoderCore, absmax: torch.Tensor, beta: float = 1.0,
-                 output_rms: Optional[float] = None):
+    absmax: per-channel max |x| of the float residual stream (``stream_statistics``);
+    ``None`` means no flattening (d = 1), used to measure the stream itself.
+    output_rms: typical RMS of the projection, divided out of the last Dense layer.
+    """
+
+    def __init__(self, core: EncoderCore, absmax: Optional[torch.Tensor] = None,
+                 beta: float = 1.0, output_rms: Optional[float] = None):
         super().__init__()
         self.spec = core.spec
-        d = stream_scale(absmax, beta)
+        hidden = core.spec.hidden_size
+        d = stream_scale(absmax, beta) if absmax is not None else torch.ones(hidden)
         self.register_buffer("stream_scale", d)
         self.entry = _lin(torch.diag(d.double() * core.spec.embed_scale))
         self.layers = nn.ModuleList(Int8Layer(layer, d) for layer in core.layers)
-        self.eps = core.final_norm.eps
-        self.ms_final = _mean_square(d)
+        self.final_norm = MeanSquareNorm(d, core.final_norm.eps)
         self.dense_has_bias = core.dense_has_bias
-        dense = [nn.Linear(m.in_features, m.out_features, bias=m.bias is not None)
-                 for m in core.dense]
-        for new, old in zip(dense, core.dense):
-            new.weight = nn.Parameter(old.weight.detach().clone(), requires_grad=False)
+        g_f = core.final_norm.gain.double() / d.double()
+        dense = []
+        for i, old in enumerate(core.dense):
+            new = nn.Linear(old.in_features, old.out_features, bias=old.bias is not None)
+            w = old.weight.detach().double()
+            if i == 0:
+                w = w * g_f  # the final norm's gain (and 1/d) commute with the pooling sum
+            if i == len(core.dense) - 1 and output_rms and not self.dense_has_bias:
+                w = w / output_rms
+            new.weight = nn.Parameter(w.float(), requires_grad=False)
             if old.bias is not None:
                 new.bias = nn.Parameter(old.bias.detach().clone(), requires_grad=False)
-        g_f = core.final_norm.gain.double() / d.double()
-        if dense:
-            dense[0].weight = nn.Parameter((dense[0].weight.double() * g_f).float(),
-                                           requires_grad=False)
-            self.final_gain = None
-        else:
-            self.register_buffer("final_gain", g_f.float())
-        if dense and output_rms and not self.dense_has_bias:
-            dense[-1].weight = nn.Parameter(dense[-1].weight / output_rms, requires_grad=False)
+            dense.append(new)
         self.dense = nn.ModuleList(dense)
-
-
-@torch.no_grad()
-def output_rms(core: EncoderCore, samples: Sequence[dict[str, np.ndarray]]) -> float:
-    """RMS of the un-normalised projection per text (to condition the final L2 norm)."""
-    values = []
-    for s in samples:
-        enc = BucketEncoder(core, int(s["embeddings"].shape[1])).eval()
-        x = torch.from_numpy(s["embeddings"])[0] * enc.embed_scale
-        mask = torch.from_numpy(s["mask"])[0]
-        bias_full = (mask - 1.0) * enc.mask_penalty
-        bias_local = bias_full + enc.band if enc.needs_band else bias_full
-        for layer, sliding in zip(core.layers, enc.is_sliding):
-            cos, sin = (enc.cos_local, enc.sin_local) if sliding else (enc.cos_global, enc.sin_global)
-            x = layer(x, cos, sin, bias_local if sliding else bias_full)
-        pool = torch.from_numpy(s["pool"])[0]
-        count = pool.sum(-1, keepdim=True)
-        pooled = (pool @ core.final_norm(x)) * torch.rsqrt(count + 1.0)
-        for dense in core.dense:
-            pooled = dense(pooled)
-        live = count[:, 0] > 0
-        values.append(pooled[live].pow(2).mean(-1).sqrt())
-    return float(torch.cat(values).median())
-
-
-def build_int8_core(core: EncoderCore, samples: Sequence[dict[str, np.ndarray]],
-                    beta: float = 1.0) -> Int8Core:
-    """Measure the stream on calibration inputs and fold everything (float, exact)."""
-    return Int8Core(core, stream_absmax(core, samples), beta, output_rms(core, samples)).eval()
+        self.final_gain = None
+        if not dense:
+            self.final_gain = nn.Parameter(g_f.float(), requires_grad=False)
 
 
 class Int8BucketEncoder(nn.Module):
@@ -214,30 +232,46 @@ class Int8BucketEncoder(nn.Module):
         self.mask_penalty = mask_penalty
         self.l2_eps = l2_eps
         spec = icore.spec
-
         self.is_sliding = [t == "sliding_attention" for t in spec.layer_types]
+        half = spec.head_dim // 2
         for name, theta in (("global", spec.rope_theta_global), ("local", spec.rope_theta_local)):
             cos, sin = rope_tables(seq_len, spec.head_dim, theta)
+            sin = torch.cat([-sin[:, :half], sin[:, half:]], dim=-1)
             self.register_buffer(f"cos_{name}", cos, persistent=False)
             self.register_buffer(f"sin_{name}", sin, persistent=False)
+            self.register_buffer(f"cosq_{name}", cos.repeat_interleave(spec.num_heads, 0),
+                                 persistent=False)
+            self.register_buffer(f"sinq_{name}", sin.repeat_interleave(spec.num_heads, 0),
+                                 persistent=False)
         self.needs_band = any(self.is_sliding) and spec.window_radius < seq_len
-        self.register_buffer("band", (band_bias(seq_len, spec.window_radius, 1.0) + 1.0),
+        self.register_buffer("band", band_bias(seq_len, spec.window_radius, 1.0) + 1.0,
                              persistent=False)  # 1 inside the window, 0 outside
+        self.record: Optional[list[torch.Tensor]] = None  # stream taps (statistics only)
+
+    def _rope(self, name: str) -> tuple[torch.Tensor, ...]:
+        return tuple(getattr(self, f"{k}_{name}") for k in ("cos", "sin", "cosq", "sinq"))
 
     def forward(self, embeddings: torch.Tensor, mask: torch.Tensor,
                 pool: torch.Tensor) -> torch.Tensor:
         core = self.core
         r = core.entry(embeddings[0])
         keep_full = mask[0]
-        keep_local = keep_full * self.band if self.needs_band else keep_full
         drop_full = (keep_full - 1.0) * self.mask_penalty
-        drop_local = (keep_local - 1.0) * self.mask_penalty if self.needs_band else drop_full
+        keep_local, drop_local = keep_full, drop_full
+        if self.needs_band:
+            keep_local = keep_full * self.band
+            drop_local = (keep_local - 1.0) * self.mask_penalty
+        local, glob = self._rope("local"), self._rope("global")
         for layer, sliding in zip(core.layers, self.is_sliding):
+            if self.record is not None:
+                self.record.append(r)
             if sliding:
-                r = layer(r, self.cos_local, self.sin_local, keep_local, drop_local)
+                r = layer(r, local, keep_local, drop_local)
             else:
-                r = layer(r, self.cos_global, self.sin_global, keep_full, drop_full)
-        h = r * torch.rsqrt(core.ms_final(r * r) + core.eps)
+                r = layer(r, glob, keep_full, drop_full)
+        if self.record is not None:
+            self.record.append(r)
+        h = core.final_norm(r)
         if core.final_gain is not None:
             h = h * core.final_gain
         p = pool[0]
@@ -249,5 +283,39 @@ class Int8BucketEncoder(nn.Module):
         pooled = weights @ h
         for dense in core.dense:
             pooled = dense(pooled)
+        if self.record is not None:
+            self.record.append(pooled[count[:, 0] > 0])
         norm = torch.rsqrt((pooled * pooled).sum(-1, keepdim=True) + self.l2_eps)
         return (pooled * norm).unsqueeze(0)
+
+
+@torch.no_grad()
+def stream_statistics(core: EncoderCore, samples: Sequence[dict[str, np.ndarray]]
+                      ) -> tuple[torch.Tensor, float]:
+    """(per-channel max |x| of the residual stream, median projection RMS) in float.
+
+    One pass of the unflattened rewrite (d = 1) over calibration inputs.
+    """
+    plain = Int8Core(core).eval()
+    encoders: dict[int, Int8BucketEncoder] = {}
+    amax = torch.zeros(core.spec.hidden_size)
+    rms = []
+    for s in samples:
+        t = int(s["embeddings"].shape[1])
+        enc = encoders.setdefault(t, Int8BucketEncoder(plain, t).eval())
+        enc.record = []
+        enc(torch.from_numpy(s["embeddings"]), torch.from_numpy(s["mask"]),
+            torch.from_numpy(s["pool"]))
+        *stream, pooled = enc.record
+        enc.record = None
+        for r in stream:
+            amax = torch.maximum(amax, r.abs().amax(0))
+        rms.append(pooled.pow(2).mean(-1).sqrt())
+    return amax, float(torch.cat(rms).median())
+
+
+def build_int8_core(core: EncoderCore, samples: Sequence[dict[str, np.ndarray]],
+                    beta: float = 1.0) -> Int8Core:
+    """Measure the stream on calibration inputs and fold everything (float, exact)."""
+    absmax, rms = stream_statistics(core, samples)
+    return Int8Core(core, absmax, beta, rms).eval()

@@ -59,7 +59,7 @@ def build_tiny_checkpoint(out_dir: str | Path, *, seed: int = 0, hidden_size: in
                           num_layers: int = 4, num_heads: int = 3, head_dim: int = 32,
                           intermediate_size: int = 144, sliding_window: int = 8,
                           dense_hidden: int = 256, output_dim: int = 256,
-                          vocab_size: int = 600, dense_bias: bool = False,
+                          vocab_size: int = 600, dense_bias: bool = False, num_kv_heads: int = 1,
                           layer_types: Optional[list[str]] = None) -> Path:
     """Write a random EmbeddingGemma-shaped sentence-transformers checkpoint to ``out_dir``."""
     import torch
@@ -80,7 +80,7 @@ def build_tiny_checkpoint(out_dir: str | Path, *, seed: int = 0, hidden_size: in
         layer_types = layer_types[:num_layers]
     config = Gemma3TextConfig(
         vocab_size=real_vocab, hidden_size=hidden_size, intermediate_size=intermediate_size,
-        num_hidden_layers=num_layers, num_attention_heads=num_heads, num_key_value_heads=1,
+        num_hidden_layers=num_layers, num_attention_heads=num_heads, num_key_value_heads=num_kv_heads,
         head_dim=head_dim, sliding_window=sliding_window, layer_types=layer_types,
         use_bidirectional_attention=True, query_pre_attn_scalar=head_dim,
         max_position_embeddings=2048, pad_token_id=0, eos_token_id=1, bos_token_id=2)

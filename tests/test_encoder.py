@@ -87,6 +87,23 @@ def test_dense_bias_uses_true_mean(tmp_path):
     assert float(_run(core, table, [ids], 16)[0] @ ref) >= 0.99999
 
 
+def test_multi_kv_head_path(tmp_path):
+    """The grouped-query path (more than one KV head) is exact too."""
+    from sentence_transformers import SentenceTransformer
+
+    from gemma_edge.export.tiny import build_tiny_checkpoint
+
+    path = build_tiny_checkpoint(tmp_path / "mha", num_kv_heads=3, num_layers=3, seed=5)
+    ck = load_checkpoint(path)
+    core, table = build_encoder(ck)
+    assert core.spec.num_kv_heads == 3
+    st = SentenceTransformer(str(path), device="cpu")
+    text = "grouped query attention with several heads " * 2
+    ids = st.tokenizer(text)["input_ids"]
+    ref = st.encode([text], normalize_embeddings=True)[0]
+    assert float(_run(core, table, [ids], 64)[0] @ ref) >= 0.99999
+
+
 def test_window_radius_follows_transformers():
     """transformers maps a bidirectional window W to |i - j| < W // 2 + 1 (512 -> 257)."""
     from transformers import Gemma3TextConfig
