@@ -43,12 +43,17 @@ class Embedder:
     emulates what the Edge TPU computes).
     pack_tokens: short texts in one call are packed together into buckets of up
     to this many tokens (block-diagonal attention); 0 disables packing.
+    max_open_graphs: keep at most this many per-bucket graph files open (least
+    recently used closed first). XNNPACK keeps a packed copy of each open graph's
+    weights (~110 MB per int8 bucket), so this bounds RAM on small boards at the
+    cost of re-opening a graph (~0.3 s) when a call switches buckets. Graphs
+    sharing one multi-signature file (the float export) count as one.
     """
 
     def __init__(self, artifacts: Union[str, Path], backend: str = "auto",
                  precision: str = "float", num_threads: Optional[int] = None,
                  device: Optional[str] = None, pack_tokens: Optional[int] = None,
-                 verify_files: bool = False):
+                 max_open_graphs: Optional[int] = None, verify_files: bool = False):
         if backend not in BACKENDS:
             raise InputError(f"backend {backend!r}: choose one of {', '.join(BACKENDS)}")
         if precision not in PRECISIONS:
@@ -63,8 +68,10 @@ class Embedder:
         self.precision = precision
         self.num_threads = num_threads
         self.device = device
+        self.max_open_graphs = max_open_graphs
         self.tokenizer = TextTokenizer(self.art_dir, self.manifest["tokenizer"])
         self._runners: dict[int, GraphRunner] = {}
+        self._runner_path: dict[int, str] = {}
         # Seconds spent per stage (tokenize, lookup, invoke, post): read by `gemma-edge bench`.
         self.stage_seconds: Counter = Counter()
         self._interpreters: dict[str, Any] = {}
@@ -132,16 +139,31 @@ class Embedder:
         return self._interpreters[path]
 
     def runner(self, seq_len: int) -> GraphRunner:
-        if seq_len not in self._runners:
+        if seq_len in self._runners:  # mark its file most recently used (dicts keep order)
+            path = self._runner_path[seq_len]
+            self._interpreters[path] = self._interpreters.pop(path)
+        else:
             graph = find_graph(self.manifest, self.graph_role, seq_len)
             if graph is None:
                 raise ArtifactError(f"no {self.graph_role} graph for {seq_len} tokens")
+            self._evict_for(graph["path"])
             interp = (self._open_edgetpu(graph) if self.backend == "edgetpu"
                       else self._open_cpu(graph))
             signature = (graph.get("signatures") or {}).get(str(seq_len))
             self._runners[seq_len] = GraphRunner(interp, signature, seq_len, self.hidden,
                                                  self.slots)
+            self._runner_path[seq_len] = graph["path"]
         return self._runners[seq_len]
+
+    def _evict_for(self, path: str) -> None:
+        """Close least recently used graph files until ``path`` fits under max_open_graphs."""
+        if not self.max_open_graphs or path in self._interpreters:
+            return
+        while len(self._interpreters) >= self.max_open_graphs:
+            oldest = next(iter(self._interpreters))
+            for seq_len in [t for t, p in self._runner_path.items() if p == oldest]:
+                del self._runners[seq_len], self._runner_path[seq_len]
+            del self._interpreters[oldest]
 
     # -- embedding ---------------------------------------------------------------------
     @property
@@ -171,7 +193,7 @@ class Embedder:
         out = np.zeros((len(token_ids), self.output_dim), dtype=np.float32)
         lengths = [len(ids) for ids in token_ids]
         clock = time.perf_counter
-        for seq_len, members in self.plan(lengths):
+        for seq_len, members in sorted(self.plan(lengths), key=lambda run: run[0]):
             runner = self.runner(seq_len)  # opened lazily: not part of the timed stages
             t0 = clock()
             rows = np.zeros((1, seq_len, self.hidden), dtype=np.float32)

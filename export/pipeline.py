@@ -51,6 +51,7 @@ class ExportOptions:
     mrl_dims: Sequence[int] = (768, 512, 256, 128)
     quantize: bool = True
     int8_min_cosine: float = 0.97
+    evaluate: bool = True
     extra: dict[str, Any] = field(default_factory=dict)
 
     def validate(self) -> None:
@@ -164,6 +165,9 @@ def run_export(checkpoint: str, out: Path, options: Optional[ExportOptions] = No
         if options.quantize:
             _add_int8_graphs(stage, manifest, core, ck, options, steps)
             steps.update()
+        if options.evaluate:
+            steps.set_description("quick evaluation on the held-out set")
+            manifest["evaluation"] = _quick_evaluation(stage, ck.root)
         steps.set_description("done")
         manifest["export_seconds"] = round(time.time() - started, 1)
         _finalise(stage, manifest)
@@ -186,6 +190,28 @@ def _add_int8_graphs(stage: Path, manifest: dict[str, Any], core: Any, ck: Check
     steps.set_description("verifying int8 graph vs sentence-transformers")
     manifest["verification"]["int8"] = verify_artifacts(stage, ck.root, "int8",
                                                         options.int8_min_cosine)
+
+
+def _quick_evaluation(stage: Path, checkpoint_dir: Path) -> dict[str, Any]:
+    """`gemma-edge eval`'s quick form (full and smallest MRL dim) for the manifest."""
+    from gemma_edge.errors import CalibrationDataError
+
+    from .evaluate import evaluate
+
+    try:
+        report = evaluate(stage, checkpoint_dir, ["float", "int8", "full-int8"], quick=True)
+    except CalibrationDataError as exc:
+        log.warning("held-out set not available (%s): no evaluation in the manifest", exc)
+        return {"skipped": str(exc)}
+    summary: dict[str, Any] = {"queries": report["queries"], "documents": report["documents"]}
+    for precision, per_dim in report["precisions"].items():
+        summary[precision] = {dim: {"cosine_mean": e["cosine"]["mean"],
+                                    "cosine_min": e["cosine"]["min"],
+                                    "mrr": e["ours"]["mrr"], "reference_mrr": e["reference"]["mrr"],
+                                    "recall@1": e["ours"]["recall@1"],
+                                    "ndcg@10": e["ours"]["ndcg@10"]}
+                              for dim, e in per_dim.items()}
+    return summary
 
 
 def _finalise(stage: Path, manifest: dict[str, Any]) -> None:

@@ -38,13 +38,15 @@ def _add_export(sub: Any) -> None:
     p.add_argument("--pool-slots", type=int, default=None,
                    help="texts one graph run can pool (packing of short texts; default 16)")
     p.add_argument("--no-quantize", action="store_true", help="float graph only")
+    p.add_argument("--no-eval", action="store_true",
+                   help="skip the quick held-out evaluation recorded in the manifest")
     p.set_defaults(func=_run_export)
 
 
 def _run_export(args: argparse.Namespace) -> int:
     from .export.pipeline import ExportOptions, run_export
 
-    options = ExportOptions(quantize=not args.no_quantize)
+    options = ExportOptions(quantize=not args.no_quantize, evaluate=not args.no_eval)
     if args.seq_len:
         options.buckets = args.seq_len
     if args.pool_slots:
@@ -55,6 +57,12 @@ def _run_export(args: argparse.Namespace) -> int:
     for role, stats in ver.items():
         print(f"  {role}: min cosine to sentence-transformers {stats['min_cosine']:.6f} "
               f"over {stats['texts']} texts x 2 prompts")
+    for precision, per_dim in (manifest.get("evaluation") or {}).items():
+        if isinstance(per_dim, dict) and per_dim and all(k.isdigit() for k in per_dim):
+            figures = "; ".join(f"{d}-d cosine mean {e['cosine_mean']:.4f} min {e['cosine_min']:.4f} "
+                                f"MRR {e['mrr']:.3f} (float {e['reference_mrr']:.3f})"
+                                for d, e in per_dim.items())
+            print(f"  held-out {precision}: {figures}")
     return 0
 
 

@@ -166,3 +166,23 @@ def test_failed_verification_leaves_nothing(tiny_checkpoint, tmp_path, monkeypat
                             pipeline.ExportOptions(buckets=(16,), pool_slots=2, quantize=False))
     assert not out.exists()
     assert list(tmp_path.iterdir()) == []
+
+
+def test_max_open_graphs_bounds_open_files(tiny_artifacts, embedder):
+    emb = Embedder(tiny_artifacts, backend="cpu", precision="int8", max_open_graphs=1,
+                   pack_tokens=0)
+    texts = ["a", "a much longer text about foxes and the lazy dog " * 2, "b c d e f g h i j k"]
+    out = emb.encode_query(texts)
+    assert len(emb._interpreters) == 1
+    again = Embedder(tiny_artifacts, backend="cpu", precision="int8", pack_tokens=0)
+    np.testing.assert_allclose(out, again.encode_query(texts), atol=1e-6)
+    assert len(again._interpreters) > 1
+
+
+def test_quick_evaluation_in_manifest(tiny_artifacts):
+    m = load_manifest(tiny_artifacts)
+    ev = m["evaluation"]
+    assert ev["queries"] >= 100
+    assert set(ev["float"]) == {"256", "128"} and set(ev["int8"]) == {"256", "128"}
+    assert ev["float"]["256"]["cosine_min"] > 0.9999
+    assert abs(ev["float"]["256"]["mrr"] - ev["float"]["256"]["reference_mrr"]) < 1e-3
