@@ -68,7 +68,7 @@ def measure(artifacts: Path, backend: str, precision: str, runs: int, bulk: int,
         rows = (rng.standard_normal((1, seq_len, emb.hidden)) * 0.03).astype(np.float32)
         mask, pool = bucket_inputs([seq_len], seq_len, emb.slots)
         runner.run(rows, mask, pool)
-        n = max(3, runs if seq_len <= 256 else runs // 3)
+        n = max(3, runs)
         times = []
         for _ in range(n):
             start = time.perf_counter()

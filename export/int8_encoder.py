@@ -192,13 +192,17 @@ class Int8Core(nn.Module):
     """
 
     def __init__(self, core: EncoderCore, absmax: Optional[torch.Tensor] = None,
-                 beta: float = 1.0, output_rms: Optional[float] = None):
+                 beta: float = 1.0, output_rms: Optional[float] = None,
+                 pad_rms: float = 0.03):
         super().__init__()
         self.spec = core.spec
         hidden = core.spec.hidden_size
         d = stream_scale(absmax, beta) if absmax is not None else torch.ones(hidden)
         self.register_buffer("stream_scale", d)
         self.entry = _lin(torch.diag(d.double() * core.spec.embed_scale))
+        # stands in for padding rows (see Int8BucketEncoder.forward): a flat row with the
+        # typical RMS of an embedding-table row
+        self.register_buffer("pad_row", torch.full((hidden,), pad_rms))
         self.layers = nn.ModuleList(Int8Layer(layer, d) for layer in core.layers)
         self.final_norm = MeanSquareNorm(d, core.final_norm.eps)
         self.dense_has_bias = core.dense_has_bias
@@ -225,7 +229,7 @@ class Int8BucketEncoder(nn.Module):
     """Same signature and output as BucketEncoder; int8-friendly ops and ranges."""
 
     def __init__(self, icore: Int8Core, seq_len: int,
-                 mask_penalty: float = DEFAULT_INT8_MASK_PENALTY, l2_eps: float = 1e-6):
+                 mask_penalty: float = DEFAULT_INT8_MASK_PENALTY, l2_eps: float = 1e-3):
         super().__init__()
         self.core = icore
         self.seq_len = seq_len
@@ -254,7 +258,12 @@ class Int8BucketEncoder(nn.Module):
     def forward(self, embeddings: torch.Tensor, mask: torch.Tensor,
                 pool: torch.Tensor) -> torch.Tensor:
         core = self.core
-        r = core.entry(embeddings[0])
+        p = pool[0]
+        # Padding rows are all-zero: their norms would be rsqrt(eps) ~ 1e3 and set every
+        # rsqrt's int8 range. Give them a typical row instead (never pooled, never seen by
+        # real tokens through the mask, so exact for the output).
+        padding = 1.0 - p.sum(0)
+        r = core.entry(embeddings[0] + padding.unsqueeze(-1) * core.pad_row)
         keep_full = mask[0]
         drop_full = (keep_full - 1.0) * self.mask_penalty
         keep_local, drop_local = keep_full, drop_full
@@ -274,7 +283,6 @@ class Int8BucketEncoder(nn.Module):
         h = core.final_norm(r)
         if core.final_gain is not None:
             h = h * core.final_gain
-        p = pool[0]
         count = p.sum(-1, keepdim=True)
         if core.dense_has_bias:
             weights = p / torch.clamp(count, min=1.0)
@@ -283,6 +291,10 @@ class Int8BucketEncoder(nn.Module):
         pooled = weights @ h
         for dense in core.dense:
             pooled = dense(pooled)
+        if not core.dense_has_bias:
+            # an empty slot would give rsqrt(0 + eps), owning the rsqrt's int8 range: give it
+            # a flat unit-RMS vector instead (live slots have count >= 1: exact for them)
+            pooled = pooled + torch.relu(1.0 - count)
         if self.record is not None:
             self.record.append(pooled[count[:, 0] > 0])
         norm = torch.rsqrt((pooled * pooled).sum(-1, keepdim=True) + self.l2_eps)

@@ -19,7 +19,6 @@ import enum
 import io
 import logging
 import os
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -27,6 +26,7 @@ from typing import Any, Optional, Sequence
 import numpy as np
 
 from gemma_edge.errors import QuantizationError
+from gemma_edge.manifest import atomic_write_bytes
 
 log = logging.getLogger("gemma_edge.export")
 
@@ -136,15 +136,6 @@ def tensor_dtype_census(model: bytes) -> dict[str, int]:
     return census
 
 
-def timed(label: str) -> Any:
-    @contextlib.contextmanager
-    def _ctx():
-        start = time.time()
-        yield
-        log.info("%s: %.1f s", label, time.time() - start)
-    return _ctx()
-
-
 def build_cpu_int8(core: Any, art_dir: Path, buckets: Sequence[int], slots: int,
                    mask_penalty: float, config: QuantConfig = CPU_INT8,
                    progress: Optional[Any] = None) -> list[dict[str, Any]]:
@@ -165,14 +156,8 @@ def build_cpu_int8(core: Any, art_dir: Path, buckets: Sequence[int], slots: int,
         quantized = quantize_graph(model.model_content(), f"encode_{seq_len}", config,
                                    calibration.get(seq_len, []))
         name = f"encoder_int8_{seq_len}.tflite"
-        _atomic_bytes(art_dir / name, quantized)
+        atomic_write_bytes(art_dir / name, quantized)
         entries.append(graph_entry(name, "int8", [seq_len], slots, mask_penalty,
                                    approach=config.approach.value,
                                    census=tensor_dtype_census(quantized)))
     return entries
-
-
-def _atomic_bytes(path: Path, data: bytes) -> None:
-    from gemma_edge.manifest import atomic_write_bytes
-
-    atomic_write_bytes(path, data)
