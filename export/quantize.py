@@ -97,29 +97,10 @@ def quantize_graph(float_model: bytes, signature: str, config: QuantConfig,
                                 f"({config.approach.value}): {type(exc).__name__}: {exc}") from exc
     quantized = bytes(quantized)
     if config.int8_io:
-        quantized = to_int8_io(quantized)
+        from .full_int8 import int8_boundary
+
+        quantized = int8_boundary(quantized)
     return quantized
-
-
-def to_int8_io(model: bytes) -> bytes:
-    """Drop the float QUANTIZE/DEQUANTIZE at the graph boundary: int8 inputs and output.
-
-    The Edge TPU takes 8-bit tensors in and out; TFLite's modify_model_interface
-    (shipped in ai-edge-litert) rewrites the boundary without touching scales.
-    """
-    import tempfile
-
-    from ai_edge_litert import _pywrap_modify_model_interface as mmi
-
-    int8 = 9  # tflite::TensorType_INT8
-    with tempfile.TemporaryDirectory() as tmp:
-        src, dst = Path(tmp) / "in.tflite", Path(tmp) / "out.tflite"
-        src.write_bytes(model)
-        status = mmi.modify_model_interface(str(src), str(dst), int8, int8)
-        if status != 0 or not dst.is_file():
-            raise QuantizationError("could not give the graph int8 inputs/outputs "
-                                    f"(modify_model_interface status {status})")
-        return dst.read_bytes()
 
 
 def tensor_dtype_census(model: bytes) -> dict[str, int]:

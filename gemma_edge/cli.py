@@ -38,6 +38,8 @@ def _add_export(sub: Any) -> None:
     p.add_argument("--pool-slots", type=int, default=None,
                    help="texts one graph run can pool (packing of short texts; default 16)")
     p.add_argument("--no-quantize", action="store_true", help="float graph only")
+    p.add_argument("--edgetpu", action="store_true",
+                   help="also build the fully int8 Edge TPU graphs (experimental, see docs/quantization.md)")
     p.add_argument("--no-eval", action="store_true",
                    help="skip the quick held-out evaluation recorded in the manifest")
     p.set_defaults(func=_run_export)
@@ -46,7 +48,8 @@ def _add_export(sub: Any) -> None:
 def _run_export(args: argparse.Namespace) -> int:
     from .export.pipeline import ExportOptions, run_export
 
-    options = ExportOptions(quantize=not args.no_quantize, evaluate=not args.no_eval)
+    options = ExportOptions(quantize=not args.no_quantize, evaluate=not args.no_eval,
+                            edgetpu=args.edgetpu)
     if args.seq_len:
         options.buckets = args.seq_len
     if args.pool_slots:
