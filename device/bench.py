@@ -54,13 +54,15 @@ def bulk_texts(count: int, seed: int = 0) -> list[str]:
 
 
 def measure(artifacts: Path, backend: str, precision: str, runs: int, bulk: int,
-            threads: Optional[int]) -> dict[str, Any]:
+            threads: Optional[int], max_open_graphs: Optional[int] = None) -> dict[str, Any]:
     """All figures for one (backend, precision); runs in the current process."""
     from gemma_edge.device import Embedder
     from gemma_edge.device.packing import bucket_inputs
 
-    emb = Embedder(artifacts, backend=backend, precision=precision, num_threads=threads)
+    emb = Embedder(artifacts, backend=backend, precision=precision, num_threads=threads,
+                   max_open_graphs=max_open_graphs)
     result: dict[str, Any] = {"backend": emb.backend, "precision": precision,
+                              "max_open_graphs": max_open_graphs,
                               "graph_role": emb.graph_role, "threads": threads, "buckets": {}}
     rng = np.random.default_rng(0)
     for seq_len in emb.buckets:  # the graph alone, full bucket of one text
@@ -107,7 +109,8 @@ def measure(artifacts: Path, backend: str, precision: str, runs: int, bulk: int,
 
 def _child(args: argparse.Namespace, precision: str) -> dict[str, Any]:
     cmd = [sys.executable, "-m", "gemma_edge.device.bench", "--child", str(args.artifacts),
-           args.backend, precision, str(args.runs), str(args.bulk), str(args.threads or 0)]
+           args.backend, precision, str(args.runs), str(args.bulk), str(args.threads or 0),
+           str(args.max_open_graphs or 0)]
     done = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if done.returncode != 0:
         from gemma_edge.errors import GemmaEdgeError
@@ -250,14 +253,17 @@ def register(sub: Any) -> None:
     p.add_argument("--bulk", type=int, default=200, help="documents for the bulk test (0: skip)")
     p.add_argument("--json", type=Path, default=None)
     p.add_argument("--plot", type=Path, default=None)
+    p.add_argument("--max-open-graphs", type=int, default=None,
+                   help="bound on open per-bucket graphs (RAM on small boards; see Embedder)")
     p.add_argument("--check", action="store_true", help="CI latency check (int8 vs float ratio)")
     p.add_argument("--max-ratio", type=float, default=0.5)
     p.set_defaults(func=run)
 
 
 def _child_main(argv: Sequence[str]) -> None:
-    art, backend, precision, runs, bulk, threads = argv
-    out = measure(Path(art), backend, precision, int(runs), int(bulk), int(threads) or None)
+    art, backend, precision, runs, bulk, threads, max_open = argv
+    out = measure(Path(art), backend, precision, int(runs), int(bulk), int(threads) or None,
+                  int(max_open) or None)
     print(json.dumps(out))
 
 
