@@ -16,7 +16,6 @@ from __future__ import annotations
 import csv
 import hashlib
 import io
-import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -78,16 +77,10 @@ def load_examples(path: Path) -> list[Example]:
 
 
 def _from_jsonl(path: Path, content: str) -> list[Example]:
-    examples = []
-    for number, line in enumerate(content.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except ValueError as exc:
-            raise InputError(f"{path}:{number}: not JSON ({exc})") from exc
-        examples.append(_example(path, number, row))
-    return examples
+    from gemma_edge.datasets import iter_jsonl
+
+    return [_example(path, number, row)
+            for number, row in iter_jsonl(path, content.splitlines(), InputError)]
 
 
 def _from_csv(path: Path, content: str) -> list[Example]:

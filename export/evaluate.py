@@ -186,7 +186,7 @@ def plot_report(report: dict[str, Any], path: Path) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from gemma_edge.manifest import atomic_write_json
+    from gemma_edge.reporting import save_report
 
     from .checkpoint import resolve_checkpoint
 
@@ -200,12 +200,7 @@ def run(args: argparse.Namespace) -> int:
         print("least faithful layer/op groups (mean SNR, dB):")
         for key, value in worst:
             print(f"  {key:<28} {value['mean_snr_db']:6.1f}")
-    if args.json:
-        atomic_write_json(args.json, report)
-        print(f"wrote {args.json}")
-    if args.plot:
-        plot_report(report, args.plot)
-        print(f"wrote {args.plot}")
+    save_report(report, args.json, args.plot, plot_report)
     return 0
 
 

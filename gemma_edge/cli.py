@@ -9,7 +9,6 @@ with its code; anything else is a bug and keeps its traceback.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 from pathlib import Path
@@ -99,14 +98,10 @@ def read_texts(path: Path) -> list[str]:
     except UnicodeDecodeError as exc:
         raise InputError(f"{path}: not UTF-8 text ({exc})") from exc
     if path.suffix == ".jsonl":
+        from .datasets import iter_jsonl
+
         texts = []
-        for number, line in enumerate(content.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except ValueError as exc:
-                raise InputError(f"{path}:{number}: not JSON ({exc})") from exc
+        for number, row in iter_jsonl(path, content.splitlines(), InputError):
             if not isinstance(row, dict) or not isinstance(row.get("text"), str):
                 raise InputError(f"{path}:{number}: expected an object with a string 'text'")
             texts.append(row["text"])

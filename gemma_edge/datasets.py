@@ -9,9 +9,9 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterable, Iterator, Optional, Type
 
-from .errors import CalibrationDataError
+from .errors import CalibrationDataError, GemmaEdgeError
 
 CORPUS_FIELDS = ("id", "lang", "domain", "kind", "prompt", "text")
 
@@ -25,16 +25,22 @@ def data_dir() -> Path:
     return path
 
 
+def iter_jsonl(path: Path, lines: Iterable[str],
+               error: Type[GemmaEdgeError] = CalibrationDataError) -> Iterator[tuple[int, Any]]:
+    """(line number, parsed value) of every non-blank line; ``error`` names the bad line."""
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            yield number, json.loads(line)
+        except ValueError as exc:
+            raise error(f"{path}:{number}: not JSON ({exc})") from exc
+
+
 def read_jsonl(path: Path, required: tuple[str, ...] = ()) -> list[dict[str, Any]]:
     rows = []
     with open(path, encoding="utf-8") as handle:
-        for number, line in enumerate(handle, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except ValueError as exc:
-                raise CalibrationDataError(f"{path}:{number}: not JSON ({exc})") from exc
+        for number, row in iter_jsonl(path, handle):
             missing = [k for k in required if k not in row]
             if missing:
                 raise CalibrationDataError(f"{path}:{number}: missing {missing}")
