@@ -170,6 +170,7 @@ def _optional_subcommands() -> list[Callable[[Any], None]]:
 
     found = []
     for module in ("gemma_edge.export.evaluate", "gemma_edge.export.calibration",
+                   "gemma_edge.export.coral_cli",
                    "gemma_edge.compile.cli",
                    "gemma_edge.device.bench", "gemma_edge.device.apps"):
         try:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections import Counter
 from types import SimpleNamespace
 
@@ -121,3 +122,16 @@ def test_full_int8_graph_maps_on_the_edge_tpu(tiny_core, tmp_path):
         feed[name] = q.astype(np.int8)
     out = runner(**feed)["embedding"]  # the file loads and runs (int8 numerics: not here)
     assert out.dtype == np.int8 and out.shape == (1, 1, core.dense[-1].out_features)
+
+
+def test_coral_graph_cli_then_check(tiny_checkpoint, tmp_path, capsys):
+    from gemma_edge.cli import main
+
+    out = tmp_path / "coral_16.tflite"
+    assert main(["coral-graph", "--checkpoint", str(tiny_checkpoint), "--seq-len", "16",
+                 "--out", str(out)]) == 0
+    assert main(["check", str(out), "--json"]) == 0
+    text = capsys.readouterr().out
+    report = json.loads(text[text.index("{"):])
+    graph = report["graphs"][0]
+    assert graph["mac_share"] == 1.0 and graph["cpu_ops"] == 0
