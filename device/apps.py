@@ -105,7 +105,8 @@ def run_index(args: argparse.Namespace) -> int:
     from gemma_edge.cli import make_embedder
 
     from .chunking import Chunker, parse_globs
-    from .store import DEFAULT_DB_NAME, index_directory, open_for_indexing
+    from .indexing import index_directory, open_for_indexing
+    from .store import DEFAULT_DB_NAME
 
     root: Path = args.dir
     if not root.is_dir():
@@ -134,7 +135,8 @@ def run_index(args: argparse.Namespace) -> int:
 def run_query(args: argparse.Namespace) -> int:
     from gemma_edge.cli import make_embedder
 
-    from .store import DEFAULT_DB_NAME, open_for_query
+    from .indexing import open_for_query
+    from .store import DEFAULT_DB_NAME
 
     text = args.text.strip()
     if not text:

@@ -17,13 +17,8 @@ import numpy as np
 import pytest
 
 from gemma_edge.cli import main
-from gemma_edge.device.store import (
-    DEFAULT_DB_NAME,
-    VectorStore,
-    index_directory,
-    open_for_indexing,
-    open_for_query,
-)
+from gemma_edge.device.indexing import index_directory, open_for_indexing, open_for_query
+from gemma_edge.device.store import DEFAULT_DB_NAME, VectorStore
 from gemma_edge.errors import InputError
 
 STOP = {"title", "text", "none", "task", "search", "result", "query"}
