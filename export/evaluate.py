@@ -86,7 +86,7 @@ def evaluate(art_dir: Path, checkpoint_dir: Path, precisions: Sequence[str],
 
 
 # -- per-layer sensitivity ------------------------------------------------------------------
-_LAYER = re.compile(r"layers[._/](\d+)")
+_LAYER = re.compile(r"(?:EncoderLayer_|layers[._/])(\d+)")
 _GROUPS = (("attention", ("q_proj", "k_proj", "v_proj", "o_proj", "q_norm", "k_norm",
                           "softmax", "attention", "rope")),
            ("mlp", ("gate_proj", "up_proj", "down_proj", "gelu")),
@@ -95,10 +95,15 @@ _GROUPS = (("attention", ("q_proj", "k_proj", "v_proj", "o_proj", "q_norm", "k_n
 
 
 def op_group(tensor_name: str) -> tuple[str, str]:
-    """(layer, group) of a tensor name as litert-torch names them."""
-    match = _LAYER.search(tensor_name)
+    """(layer, group) of a tensor name as litert-torch names them.
+
+    Names are module paths (``.../EncoderLayer_3/torch.nn.modules.linear.Linear_qkv_proj;``);
+    a fused tensor lists several, separated by ';', and the first is its own.
+    """
+    own = tensor_name.split(";")[0]
+    match = _LAYER.search(own)
     layer = f"layer {int(match.group(1)):02d}" if match else "outside layers"
-    lowered = tensor_name.lower()
+    lowered = own.lower()
     group = next((g for g, keys in _GROUPS if any(k in lowered for k in keys)), "other")
     return layer, group
 
@@ -136,7 +141,8 @@ def sensitivity(checkpoint_dir: Path, art_dir: Path, precision: str, seq_len: in
         if snr is None or not np.isfinite(snr):
             continue
         layer, group = op_group(name)
-        groups[f"{layer} / {group}"].append(float(snr))
+        # ai-edge-quantizer reports SNR as a power ratio; dB reads better and averages sanely.
+        groups[f"{layer} / {group}"].append(10.0 * float(np.log10(max(float(snr), 1e-12))))
     return {key: {"mean_snr_db": float(np.mean(v)), "min_snr_db": float(np.min(v)),
                   "tensors": len(v)} for key, v in sorted(groups.items())}
 

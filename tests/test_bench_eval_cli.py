@@ -97,3 +97,26 @@ def test_calibration_tensors_per_bucket(tiny_artifacts, tmp_path):
         assert data["mask"].shape == (6, seq_len, seq_len) and data["pool"].shape == (6, 4, seq_len)
         assert (data["pool"].sum(axis=(1, 2)) > 0).all()  # every sample pools real tokens
         assert set(np.unique(data["mask"])) <= {0.0, 1.0}
+
+
+def test_op_group_reads_litert_torch_names():
+    from gemma_edge.export.evaluate import op_group
+
+    base = "gemma_edge.export.convert._Named/gemma_edge.export.encoder.BucketEncoder_inner/"
+    assert op_group(base + "gemma_edge.export.encoder.EncoderLayer_3/"
+                    "torch.nn.modules.linear.Linear_qkv_proj;") == ("layer 03", "attention")
+    assert op_group(base + "gemma_edge.export.encoder.EncoderLayer_12/"
+                    "torch.nn.modules.linear.Linear_gate_up_proj;7") == ("layer 12", "mlp")
+    assert op_group(base + "gemma_edge.export.encoder.RMSNorm_final_norm;1") == (
+        "outside layers", "norm")
+
+
+def test_sensitivity_per_layer(tiny_artifacts, tiny_checkpoint):
+    from gemma_edge.export.evaluate import sensitivity
+
+    report = sensitivity(tiny_checkpoint, tiny_artifacts, "int8", 16, samples=2)
+    layers = {key.split(" / ")[0] for key in report}
+    assert {"layer 00", "layer 01", "layer 02", "layer 03"} <= layers
+    for value in report.values():
+        assert np.isfinite(value["mean_snr_db"]) and value["tensors"] > 0
+    assert min(v["mean_snr_db"] for v in report.values()) < 100  # quantisation is visible
