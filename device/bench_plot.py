@@ -16,7 +16,7 @@ def plot_report(report: dict[str, Any], path: Path) -> None:
         import matplotlib.pyplot as plt
     except ImportError as exc:
         raise InputError("--plot needs matplotlib (pip install matplotlib)") from exc
-    from gemma_edge.manifest import atomic_write_bytes
+    from gemma_edge.reporting import save_figure
 
     results = report["results"]
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
@@ -46,9 +46,4 @@ def plot_report(report: dict[str, Any], path: Path) -> None:
     cpu = report.get("machine", {}).get("cpu", "")
     fig.suptitle(f"gemma-edge bench - {cpu}", fontsize=9)
     fig.tight_layout()
-    import io
-
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=110)
-    plt.close(fig)
-    atomic_write_bytes(Path(path), buffer.getvalue())
+    save_figure(fig, path)

@@ -19,7 +19,6 @@ import numpy as np
 import torch
 
 from gemma_edge.errors import ConversionError
-from gemma_edge.manifest import atomic_write_bytes
 
 from .encoder import BucketEncoder, EncoderCore
 
@@ -153,8 +152,3 @@ def describe_io(path: Path) -> dict[str, Any]:
         }
     return out
 
-
-def write_npy(path: Path, array: np.ndarray) -> None:
-    buffer = io.BytesIO()
-    np.save(buffer, array, allow_pickle=False)
-    atomic_write_bytes(path, buffer.getvalue())

@@ -358,7 +358,7 @@ def build_coral_graph(core: EncoderCore | CoralCore, seq_len: int, out_path: Pat
     if placeholder_ranges:
         quantized = _quantize_placeholder_ranges(content, signature)
     else:
-        config = QuantConfig(Approach.FULL_INT8, mask_penalty=mask_penalty)
+        config = QuantConfig(Approach.FULL_INT8)
         quantized = quantize_graph(content, signature, config, list(calibration))
     out_path = Path(out_path)
     atomic_write_bytes(out_path, quantized)

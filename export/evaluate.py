@@ -160,14 +160,12 @@ def print_report(report: dict[str, Any]) -> None:
 
 
 def plot_report(report: dict[str, Any], path: Path) -> None:
-    import io
-
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from gemma_edge.manifest import atomic_write_bytes
+    from gemma_edge.reporting import save_figure
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
     for precision, per_dim in report["precisions"].items():
@@ -185,10 +183,7 @@ def plot_report(report: dict[str, Any], path: Path) -> None:
         ax.invert_xaxis()
         ax.legend()
     fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=110)
-    plt.close(fig)
-    atomic_write_bytes(Path(path), buffer.getvalue())
+    save_figure(fig, path)
 
 
 def run(args: argparse.Namespace) -> int:

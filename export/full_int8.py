@@ -18,9 +18,6 @@ The result is asserted fully 8-bit (no FLOAT32 tensor) and loaded once.
 
 from __future__ import annotations
 
-import contextlib
-import io
-import os
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
@@ -33,7 +30,7 @@ from gemma_edge.manifest import atomic_write_bytes
 from .convert import convert_buckets, graph_entry, signature_name
 from .encoder import BucketEncoder, EncoderCore
 from .int8_encoder import DEFAULT_INT8_MASK_PENALTY, Int8BucketEncoder, build_int8_core
-from .quantize import tensor_dtype_census
+from .quantize import Approach, QuantConfig, quantize_graph, tensor_dtype_census
 
 APPROACH = "full-int8"
 FLOAT_EQUALITY = 0.99999  # min cosine of the rewrite to BucketEncoder in float
@@ -130,19 +127,7 @@ def check_rewrite(core: EncoderCore, module: Int8BucketEncoder,
 def quantize_static(float_model: bytes, signature: str,
                     calibration: Sequence[dict[str, np.ndarray]]) -> bytes:
     """ai-edge-quantizer static_wi8_ai8 (min/max calibration) -> flatbuffer bytes."""
-    from ai_edge_quantizer import quantizer, recipe
-
-    qt = quantizer.Quantizer(bytearray(float_model))
-    qt.load_quantization_recipe(recipe.static_wi8_ai8())
-    try:
-        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-            result = qt.calibrate({signature: list(calibration)},
-                                  num_threads=os.cpu_count() or 1)
-            out = qt.quantize(result, enable_progress_report=False).quantized_model
-    except Exception as exc:  # noqa: BLE001 - ai-edge-quantizer raises many types
-        raise QuantizationError(f"ai-edge-quantizer failed for {signature} ({APPROACH}): "
-                                f"{type(exc).__name__}: {exc}") from exc
-    return bytes(out)
+    return quantize_graph(float_model, signature, QuantConfig(Approach.FULL_INT8), calibration)
 
 
 def build_full_int8(core: EncoderCore, art_dir: Path, buckets: Sequence[int], out_dir: Path,

@@ -12,7 +12,7 @@ import datetime as _dt
 import logging
 import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
@@ -25,13 +25,14 @@ from gemma_edge.manifest import (
     FORMAT_VERSION,
     MANIFEST_NAME,
     atomic_write_json,
+    atomic_write_npy,
     describe_files,
     staged_directory,
 )
 
 from . import verify
 from .checkpoint import Checkpoint, load_checkpoint
-from .convert import convert_float, describe_io, write_npy
+from .convert import convert_float, describe_io
 from .encoder import DEFAULT_MASK_PENALTY, build_encoder
 
 log = logging.getLogger("gemma_edge.export")
@@ -57,7 +58,6 @@ class ExportOptions:
     # The fully int8 Edge TPU graphs are experimental: their fidelity is not yet usable
     # (docs/quantization.md), so the default export does not spend 10 minutes on them.
     edgetpu: bool = False
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def validate(self) -> None:
         buckets = sorted(set(int(b) for b in self.buckets))
@@ -78,10 +78,10 @@ def _write_tables(table: Any, out: Path, steps: tqdm) -> dict[str, Any]:
     from gemma_edge.device.table import quantize_rows_int8
 
     raw = table.numpy().astype(np.float32)
-    write_npy(out / "token_embeddings.f16.npy", raw.astype(np.float16))
+    atomic_write_npy(out / "token_embeddings.f16.npy", raw.astype(np.float16))
     q, scales = quantize_rows_int8(raw)
-    write_npy(out / "token_embeddings.i8.npy", q)
-    write_npy(out / "token_embeddings.i8_scales.npy", scales)
+    atomic_write_npy(out / "token_embeddings.i8.npy", q)
+    atomic_write_npy(out / "token_embeddings.i8_scales.npy", scales)
     return {
         "float": {"path": "token_embeddings.f16.npy", "dtype": "float16"},
         "int8": {"path": "token_embeddings.i8.npy", "scales": "token_embeddings.i8_scales.npy",
@@ -139,8 +139,6 @@ def run_export(checkpoint: str, out: Path, options: Optional[ExportOptions] = No
         steps.set_description("converting float graph")
         graphs = convert_float(core, options.buckets, options.pool_slots, stage,
                                options.mask_penalty, progress=steps.set_description)
-        for g in graphs:
-            g["io"] = describe_io(stage / g["path"])
         steps.update()
 
         manifest = {
@@ -159,9 +157,9 @@ def run_export(checkpoint: str, out: Path, options: Optional[ExportOptions] = No
             "prompts": ck.prompts,
             "tokenizer": tok_spec,
             "embedding_tables": tables,
-            "graphs": graphs,
+            "graphs": [],
         }
-        _finalise(stage, manifest)
+        _add_graphs(stage, manifest, graphs)
 
         steps.set_description("verifying float graph vs sentence-transformers")
         manifest["verification"] = {"float": verify_artifacts(stage, ck.root, "float",
@@ -181,29 +179,29 @@ def run_export(checkpoint: str, out: Path, options: Optional[ExportOptions] = No
     return manifest
 
 
+def _add_graphs(stage: Path, manifest: dict[str, Any], graphs: list[dict[str, Any]]) -> None:
+    """Describe each new graph's I/O, list it in the manifest and rewrite manifest.json."""
+    for g in graphs:
+        g["io"] = describe_io(stage / g["path"])
+    manifest["graphs"].extend(graphs)
+    _finalise(stage, manifest)
+
+
 def _add_int8_graphs(stage: Path, manifest: dict[str, Any], core: Any, ck: Checkpoint,
                      options: ExportOptions, steps: tqdm) -> None:
     """The int8 graphs: role "int8" (CPU) and, where available, "edgetpu" (full int8)."""
     from .quantize import build_cpu_int8
 
-    graphs = build_cpu_int8(core, stage, options.buckets, options.pool_slots,
-                            options.mask_penalty, progress=steps.set_description)
-    for g in graphs:
-        g["io"] = describe_io(stage / g["path"])
-    manifest["graphs"].extend(graphs)
-    _finalise(stage, manifest)
+    _add_graphs(stage, manifest, build_cpu_int8(core, stage, options.buckets, options.pool_slots,
+                                                options.mask_penalty, progress=steps.set_description))
     steps.set_description("verifying int8 graph vs sentence-transformers")
     manifest["verification"]["int8"] = verify_artifacts(stage, ck.root, "int8",
                                                         options.int8_min_cosine)
     if options.edgetpu:
         from .full_int8 import build_full_int8
 
-        graphs = build_full_int8(core, stage, options.buckets, stage,
-                                 progress=steps.set_description)
-        for g in graphs:
-            g["io"] = describe_io(stage / g["path"])
-        manifest["graphs"].extend(graphs)
-        _finalise(stage, manifest)
+        _add_graphs(stage, manifest, build_full_int8(core, stage, options.buckets, stage,
+                                                     progress=steps.set_description))
         steps.set_description("measuring the full-int8 graphs vs sentence-transformers")
         # Recorded, not enforced: the recipe does not reach the fidelity target yet.
         manifest["verification"]["full-int8"] = verify_artifacts(stage, ck.root, "full-int8", -1.0)

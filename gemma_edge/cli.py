@@ -119,7 +119,7 @@ def make_embedder(args: argparse.Namespace) -> Any:
 def _run_embed(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from .manifest import atomic_write_bytes
+    from .manifest import atomic_write_npy
 
     texts = read_texts(args.input)
     if not texts:
@@ -138,11 +138,7 @@ def _run_embed(args: argparse.Namespace) -> int:
             chunks.append(emb.encode_document(batch, dim=args.dim))
         else:
             chunks.append(emb.encode(batch, prompt_name=prompt_name, dim=args.dim))
-    import io
-
-    buffer = io.BytesIO()
-    np.save(buffer, np.concatenate(chunks))
-    atomic_write_bytes(args.output, buffer.getvalue())
+    atomic_write_npy(args.output, np.concatenate(chunks))
     print(f"wrote {args.output}: {len(texts)} x {chunks[0].shape[1]} float32 "
           f"({emb.backend}, {emb.graph_role})")
     return 0

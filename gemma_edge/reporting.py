@@ -16,3 +16,17 @@ def save_report(report: dict[str, Any], json_path: Optional[Path], plot_path: Op
     if plot_path:
         plot(report, plot_path)
         print(f"wrote {plot_path}")
+
+
+def save_figure(fig: Any, path: Path) -> None:
+    """A matplotlib figure as PNG, written atomically, then closed."""
+    import io
+
+    import matplotlib.pyplot as plt
+
+    from .manifest import atomic_write_bytes
+
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110)
+    plt.close(fig)
+    atomic_write_bytes(Path(path), buffer.getvalue())
