@@ -14,6 +14,8 @@ from typing import Any
 
 from gemma_edge.errors import ArtifactError, InputError
 
+from .segments import graph_files, segmented_summary
+
 TARGETS = ("usb", "pcie", "devboard")
 CLOCKS = ("std", "max")
 DEFAULT_TIMEOUT_S = 600.0
@@ -66,17 +68,41 @@ def _manifest_graphs(art: Path, role: str) -> tuple[dict[str, Any], list[dict[st
     return manifest, graphs
 
 
+def format_summary(bucket: str, s: dict[str, Any], target: Any, clock: Any) -> str:
+    from .report_text import mib
+
+    lines = [f"bucket {bucket}: {s['models']} co-compiled segments, {s['tpu_ops']}/{s['ops']} "
+             f"ops and {100 * s['mac_share']:.2f}% of MACs on the Edge TPU (host: norms, "
+             f"residual, pooling, Dense head); parameters {mib(s['param_bytes'])}: "
+             f"{mib(s['cached_bytes'])} cached, {mib(s['streamed_bytes'])} streamed per "
+             f"inference; {s['edgetpu_calls']} Edge TPU calls"]
+    for e in s["estimates"]:
+        if target in (None, e["target"]) and clock in (None, e["clock"]):
+            lines.append(f"  {e['target']:<8} {e['clock']:<3} {1000 * e['total_s']:8.1f} ms "
+                         f"({e['bound']}-bound)")
+    return "\n".join(lines)
+
+
 def run_check(args: argparse.Namespace) -> int:
     """Print the pre-flight report; exit 1 when the compiler would reject a model."""
     from .mapper import analyze
     from .rules import DEFAULT_MIN_RUNTIME
 
     paths = [args.model]
+    graphs: list[dict[str, Any]] = []
     if args.model.is_dir():
         _, graphs = _manifest_graphs(args.model, "edgetpu")
-        paths = [args.model / g["path"] for g in graphs]
+        paths = [args.model / p for g in graphs for p in graph_files(g)]
     reports = [analyze(p, args.min_runtime or DEFAULT_MIN_RUNTIME, args.multiple_subgraphs)
                for p in paths]
+    by_path = {str(p): r for p, r in zip(paths, reports)}
+    summaries = {}
+    if args.model.is_dir():
+        for g in graphs:
+            if g.get("layout") == "segments":
+                seg_reports = [by_path[str(args.model / f)].to_json()["graphs"][0]
+                               for f in g["segments"]]
+                summaries[str(g["seq_lens"][0])] = segmented_summary(args.model, g, seg_reports)
     if args.json:
         docs = []
         for r in reports:
@@ -86,9 +112,14 @@ def run_check(args: argparse.Namespace) -> int:
                                   if args.target in (None, e["target"])
                                   and args.clock in (None, e["clock"])]
             docs.append(doc)
-        print(json.dumps(docs[0] if len(docs) == 1 else docs, indent=2))
+        if summaries:
+            print(json.dumps({"segments": docs, "buckets": summaries}, indent=2))
+        else:
+            print(json.dumps(docs[0] if len(docs) == 1 else docs, indent=2))
     else:
         print("\n\n".join(r.format_table(args.target, args.clock) for r in reports))
+        for bucket, s in summaries.items():
+            print(format_summary(bucket, s, args.target, args.clock))
     return 0 if all(r.compiles for r in reports) else 1
 
 
@@ -124,32 +155,54 @@ def _compile_artifacts(art: Path, out: Any, options: dict[str, Any]) -> int:
     manifest, sources = _manifest_graphs(art, "edgetpu")
     results = []
     for graph in sources:
-        result = compile_model(art / graph["path"], art, **options)
+        files = graph_files(graph)
+        if len(files) > 1 and options["segments"]:
+            raise InputError("--segments pipelines one graph over several Edge TPUs; this "
+                             "export is already split per layer (co-compiled instead)")
+        # per-layer segments of one bucket are co-compiled: one call, one parameter cache
+        out_dir = (art / files[0]).parent
+        result = compile_model(art / files[0], out_dir, extra_models=[art / f for f in files[1:]],
+                               **options)
         _print_result(result)
-        results.append((graph, result))
-    compiled_from = {g["path"] for g, _ in results}
+        results.append((graph, result, out_dir))
+    compiled_from = {_source_key(g) for g, _, _ in results}
     graphs = [g for g in manifest["graphs"]
               if not (g.get("role") == "edgetpu-compiled" and g.get("source") in compiled_from)]
     new_files: list[str] = []
-    for graph, result in results:
-        item = result.models[0]
-        entry = {k: v for k, v in graph.items() if k not in ("path", "role")}
-        entry.update(path=item.outputs[0].name, role="edgetpu-compiled", source=graph["path"],
+    for graph, result, out_dir in results:
+        def rel(p: Path, out_dir: Path = out_dir) -> str:
+            return (out_dir / p.name).relative_to(art).as_posix()
+
+        entry = {k: v for k, v in graph.items() if k not in ("path", "role", "segments")}
+        entry.update(role="edgetpu-compiled", source=_source_key(graph),
                      compiler={"version": result.report["compiler"]["version"],
                                "min_runtime": options["min_runtime"],
                                "segments": options["segments"]},
-                     compile_report=result.report_path.name,
-                     operation_logs=[p.name for p in item.logs])
-        if options["segments"]:
-            entry["segment_paths"] = [p.name for p in item.outputs]
+                     compile_report=rel(result.report_path),
+                     operation_logs=[rel(p) for item in result.models for p in item.logs])
+        if graph.get("layout") == "segments":
+            entry.update(path=graph["path"],
+                         segments=[rel(item.outputs[0]) for item in result.models])
+        else:
+            entry["path"] = rel(result.models[0].outputs[0])
+            if options["segments"]:
+                entry["segment_paths"] = [rel(p) for p in result.models[0].outputs]
         graphs.append(entry)
-        new_files += [p.name for p in item.outputs + item.logs] + [result.report_path.name]
+        new_files += [rel(p) for item in result.models for p in item.outputs + item.logs]
+        new_files.append(rel(result.report_path))
     updated = dict(manifest)
     updated["graphs"] = graphs
     updated["files"] = {**manifest["files"], **describe_files(art, new_files)}
     atomic_write_json(art / MANIFEST_NAME, updated)
     print(f"updated {art / MANIFEST_NAME}: {len(results)} edgetpu-compiled graph(s)")
     return 0
+
+
+def _source_key(graph: dict[str, Any]) -> str:
+    """What an edgetpu-compiled entry was built from (segments share one host file)."""
+    if graph.get("layout") == "segments":
+        return f"{graph['path']}#{','.join(str(t) for t in graph['seq_lens'])}"
+    return graph["path"]
 
 
 def _print_result(result: Any) -> None:

@@ -146,3 +146,31 @@ def estimate_latency(a: Assumptions, target: str, clock: str, tpu_macs: int, cpu
                            io_s=io, cpu_s=cpu, overhead_s=overhead,
                            cache_fill_s=cached_bytes / t.link_bytes_per_s, total_s=total,
                            bound="stream" if stream > compute else "compute")
+
+
+def cocompiled_summary(graphs: list[dict[str, Any]], host_macs: int = 0,
+                       a: Assumptions = Assumptions()) -> dict[str, Any]:
+    """One inference over several co-compiled models run one after another.
+
+    ``graphs``: the mappers' per-graph JSON (``GraphReport.to_json()``), in call
+    order. Co-compiled models share the one parameter cache (coral.ai/docs/edgetpu/
+    compiler, "Parameter data caching": the cache is divided among the models, the
+    first model gets priority); we cache in model order while they fit and stream the
+    rest (the same
+    first-fit approximation as ``split_cache``, per model instead of per tensor).
+    ``host_macs``: work the host does outside every graph (e.g. pooling and the
+    Dense head of the segmented encoder), counted as CPU work and in the MAC share.
+    """
+    tpu = sum(g["tpu_macs"] for g in graphs)
+    cpu = sum(g["total_macs"] - g["tpu_macs"] for g in graphs) + host_macs
+    params = [g["param_bytes"] for g in graphs]
+    cached, streamed = split_cache(params, a.param_cache_bytes)
+    calls = sum(g["tpu_subgraphs"] for g in graphs)
+    io = sum(g["io_bytes"] for g in graphs)
+    estimates = [estimate_latency(a, t.name, clock, tpu, cpu, cached, streamed, io, calls)
+                 .to_json() for t in a.targets for clock in a.clock_hz]
+    return {"models": len(graphs), "ops": sum(g["ops"] for g in graphs),
+            "tpu_ops": sum(g["tpu_ops"] for g in graphs), "tpu_macs": tpu, "cpu_macs": cpu,
+            "mac_share": tpu / (tpu + cpu) if tpu + cpu else 0.0, "param_bytes": sum(params),
+            "cached_bytes": cached, "streamed_bytes": streamed, "edgetpu_calls": calls,
+            "io_bytes": io, "estimates": estimates}

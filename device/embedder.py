@@ -97,7 +97,10 @@ class Embedder:
                 reason = "no compiled Edge TPU graph in the artifacts"
             else:
                 try:
-                    self._open_edgetpu(compiled[0])
+                    probe = compiled[0]
+                    if probe.get("layout") == "segments":  # open one segment to probe
+                        probe = {"path": probe["segments"][0]}
+                    self._open_edgetpu(probe)
                     return "edgetpu", "edgetpu-compiled", "Edge TPU found"
                 except EdgeTpuUnavailableError as exc:
                     if backend == "edgetpu":
@@ -124,19 +127,21 @@ class Embedder:
                 self.art_dir / path, device=self.device, num_threads=self.num_threads)
         return self._interpreters[path]
 
-    def _open_cpu(self, graph: dict[str, Any]) -> Any:
+    def _open_cpu(self, graph: dict[str, Any], cache: bool = True) -> Any:
         path = graph["path"]
-        if path not in self._interpreters:
-            Interpreter, _, _ = interpreter_api()
-            try:
-                self._interpreters[path] = Interpreter(
-                    model_path=str(self.art_dir / path), num_threads=self.num_threads)
-            except (ValueError, RuntimeError) as exc:
-                hint = (" It is compiled for the Edge TPU; run it with backend='edgetpu'."
-                        if "edgetpu-custom-op" in str(exc) else "")
-                raise ArtifactError(f"{self.art_dir / path}: the TFLite runtime cannot load "
-                                    f"it ({str(exc).strip()}).{hint}") from exc
-        return self._interpreters[path]
+        if path in self._interpreters:
+            return self._interpreters[path]
+        Interpreter, _, _ = interpreter_api()
+        try:
+            interp = Interpreter(model_path=str(self.art_dir / path), num_threads=self.num_threads)
+        except (ValueError, RuntimeError) as exc:
+            hint = (" It is compiled for the Edge TPU; run it with backend='edgetpu'."
+                    if "edgetpu-custom-op" in str(exc) else "")
+            raise ArtifactError(f"{self.art_dir / path}: the TFLite runtime cannot load "
+                                f"it ({str(exc).strip()}).{hint}") from exc
+        if cache:
+            self._interpreters[path] = interp
+        return interp
 
     def runner(self, seq_len: int) -> GraphRunner:
         if seq_len in self._runners:  # mark its file most recently used (dicts keep order)
@@ -146,6 +151,8 @@ class Embedder:
             graph = find_graph(self.manifest, self.graph_role, seq_len)
             if graph is None:
                 raise ArtifactError(f"no {self.graph_role} graph for {seq_len} tokens")
+            if graph.get("layout") == "segments":
+                return self._segmented_runner(graph, seq_len)
             self._evict_for(graph["path"])
             interp = (self._open_edgetpu(graph) if self.backend == "edgetpu"
                       else self._open_cpu(graph))
@@ -154,6 +161,28 @@ class Embedder:
                                                  self.slots)
             self._runner_path[seq_len] = graph["path"]
         return self._runners[seq_len]
+
+    def _segmented_runner(self, graph: dict[str, Any], seq_len: int) -> Any:
+        """The per-layer int8 segments of one bucket (export/segments.py), one LRU slot."""
+        from .segmented import SegmentedRunner
+
+        key = f"{graph['path']}#{seq_len}"
+        self._evict_for(key)
+        if self.backend == "edgetpu":
+            from .edgetpu import make_edgetpu_interpreter
+
+            def open_graph(path: Path) -> Any:
+                return make_edgetpu_interpreter(path, device=self.device,
+                                                num_threads=self.num_threads)
+        else:
+            def open_graph(path: Path) -> Any:
+                return self._open_cpu({"path": str(path.relative_to(self.art_dir))},
+                                      cache=False)
+        runner = SegmentedRunner(self.art_dir, graph, seq_len, open_graph)
+        self._interpreters[key] = runner
+        self._runners[seq_len] = runner  # type: ignore[assignment]
+        self._runner_path[seq_len] = key
+        return runner
 
     def _evict_for(self, path: str) -> None:
         """Close least recently used graph files until ``path`` fits under max_open_graphs."""

@@ -126,6 +126,11 @@ def sensitivity(checkpoint_dir: Path, art_dir: Path, precision: str, seq_len: in
     if graph is None:
         raise ValueError(f"no {precision} graph for bucket {seq_len}")
     core, _ = build_encoder(load_checkpoint(checkpoint_dir))
+    if graph.get("layout") == "segments":  # per segment: the error each one adds
+        from .segment_build import segment_sensitivity
+
+        return segment_sensitivity(core, Path(art_dir), graph,
+                                   calibration_set(art_dir, [seq_len], samples)[seq_len])
     float_model = convert_buckets(
         {seq_len: BucketEncoder(core, seq_len, graph.get("mask_penalty", 1e4)).eval()},
         core.spec.hidden_size, int(graph["pool_slots"])).model_content()

@@ -4,8 +4,9 @@ Two products (see docs/quantization.md for the measurements behind them):
 
 - role ``int8``: the CPU graph. int8 weights (per-channel); activations where
   int8 keeps fidelity, float elsewhere.
-- role ``edgetpu``: the fully 8-bit graph the Edge TPU needs: int8 weights AND
-  activations with per-tensor scales, int8 inputs and output.
+- role ``edgetpu``: the fully 8-bit graphs the Edge TPU needs: int8 weights AND
+  activations with per-tensor scales, int8 inputs and output; built per layer by
+  ``export/segments.py`` with this module's FULL_INT8 approach.
 
 Each bucket gets its own file: XNNPACK packs the weights of every subgraph of
 an interpreter, so a multi-signature int8 file would cost one packed copy per
@@ -98,6 +99,15 @@ def tensor_dtype_census(model: bytes) -> dict[str, int]:
         for tensor in sub.tensors or []:
             name = names.get(tensor.type, str(tensor.type))
             census[name] = census.get(name, 0) + 1
+    return census
+
+
+def check_fully_int8(model: bytes) -> dict[str, int]:
+    """Raise unless every tensor is 8-bit (int32 allowed for biases); returns the census."""
+    census = tensor_dtype_census(model)
+    bad = {k: v for k, v in census.items() if k not in ("INT8", "INT32")}
+    if bad:
+        raise QuantizationError(f"graph is not fully int8: {census}")
     return census
 
 

@@ -37,8 +37,11 @@ def _add_export(sub: Any) -> None:
     p.add_argument("--pool-slots", type=int, default=None,
                    help="texts one graph run can pool (packing of short texts; default 16)")
     p.add_argument("--no-quantize", action="store_true", help="float graph only")
-    p.add_argument("--edgetpu", action="store_true",
-                   help="also build the fully int8 Edge TPU graphs (experimental, see docs/quantization.md)")
+    p.add_argument("--edgetpu-seq-len", type=_int_list, default=None,
+                   help="buckets of the fully int8 Edge TPU segments (default 64,256; "
+                        "48 graphs per bucket, see docs/quantization.md)")
+    p.add_argument("--no-edgetpu", action="store_true",
+                   help="skip the fully int8 Edge TPU segments (saves ~10 minutes)")
     p.add_argument("--no-eval", action="store_true",
                    help="skip the quick held-out evaluation recorded in the manifest")
     p.set_defaults(func=_run_export)
@@ -48,9 +51,11 @@ def _run_export(args: argparse.Namespace) -> int:
     from .export.pipeline import ExportOptions, run_export
 
     options = ExportOptions(quantize=not args.no_quantize, evaluate=not args.no_eval,
-                            edgetpu=args.edgetpu)
+                            edgetpu=not args.no_edgetpu)
     if args.seq_len:
         options.buckets = args.seq_len
+    if args.edgetpu_seq_len:
+        options.edgetpu_buckets = args.edgetpu_seq_len
     if args.pool_slots:
         options.pool_slots = args.pool_slots
     manifest = run_export(args.checkpoint, args.out, options)
@@ -166,7 +171,7 @@ def _optional_subcommands() -> list[Callable[[Any], None]]:
 
     found = []
     for module in ("gemma_edge.export.evaluate", "gemma_edge.export.calibration",
-                   "gemma_edge.export.coral_cli",
+                   "gemma_edge.export.coral_cli", "gemma_edge.export.segment_study",
                    "gemma_edge.compile.cli",
                    "gemma_edge.device.bench", "gemma_edge.device.apps"):
         try:

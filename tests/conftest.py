@@ -31,5 +31,5 @@ def tiny_artifacts(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFacto
 
     out = tmp_path_factory.mktemp("art") / "tiny-art"
     run_export(str(tiny_checkpoint), out,
-               ExportOptions(buckets=TINY_BUCKETS, pool_slots=4))
+               ExportOptions(buckets=TINY_BUCKETS, pool_slots=4, edgetpu_buckets=(32,)))
     return out

@@ -199,3 +199,31 @@ def test_cli_module_imports_nothing_heavy() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_cli_co_compiles_the_segments_of_a_bucket(fake: Path, tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    art = tmp_path / "art"
+    (art / "edgetpu").mkdir(parents=True)
+    segments = [f"edgetpu/{kind}_16_00.tflite" for kind in ("attn", "mlp")]
+    for name in segments:
+        fc_model(art / name)
+    (art / "edgetpu" / "host.npz").write_bytes(b"constants")
+    graph = {"path": "edgetpu/host.npz", "role": "edgetpu", "layout": "segments",
+             "segments": segments, "seq_lens": [16], "pool_slots": 4}
+    (art / "manifest.json").write_text(json.dumps({
+        "format_version": FORMAT_VERSION, "model": {"hidden_size": 16}, "buckets": [16],
+        "tokenizer": {}, "embedding_tables": {}, "graphs": [graph],
+        "files": describe_files(art, segments + ["edgetpu/host.npz"])}))
+    argv_log = tmp_path / "argv.json"
+    monkeypatch.setenv("FAKE_EDGETPU_ARGS", str(argv_log))
+    assert main(["compile", str(art), "--timeout", "30"]) == 0
+    argv = json.loads(argv_log.read_text())
+    assert [a for a in argv if a.endswith(".tflite")] == [str(art / s) for s in segments]
+    manifest = load_manifest(art, verify_hashes=True)
+    entry = next(g for g in manifest["graphs"] if g["role"] == "edgetpu-compiled")
+    assert entry["layout"] == "segments" and entry["path"] == "edgetpu/host.npz"
+    assert entry["segments"] == ["edgetpu/attn_16_00_edgetpu.tflite",
+                                 "edgetpu/mlp_16_00_edgetpu.tflite"]
+    assert all(s in manifest["files"] for s in entry["segments"])
+    assert main(["compile", str(art), "--timeout", "30", "--segments", "2"]) == 2

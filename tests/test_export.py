@@ -186,20 +186,3 @@ def test_quick_evaluation_in_manifest(tiny_artifacts):
     assert set(ev["float"]) == {"256", "128"} and set(ev["int8"]) == {"256", "128"}
     assert ev["float"]["256"]["cosine_min"] > 0.9999
     assert abs(ev["float"]["256"]["mrr"] - ev["float"]["256"]["reference_mrr"]) < 1e-3
-
-
-def test_edgetpu_export_runs_as_full_int8_on_cpu(tiny_checkpoint, tmp_path):
-    from gemma_edge.export.pipeline import ExportOptions, run_export
-
-    out = tmp_path / "art"
-    manifest = run_export(str(tiny_checkpoint), out, ExportOptions(
-        buckets=(32,), pool_slots=2, edgetpu=True, evaluate=False))
-    graph = find_graph(manifest, "edgetpu", 32)
-    assert graph and "FLOAT32" not in graph["census"]
-    dtypes = {row["dtype"] for sig in graph["io"].values() for rows in sig.values() for row in rows}
-    assert dtypes == {"int8"}
-    assert "full-int8" in manifest["verification"]
-    emb = Embedder(out, backend="cpu", precision="full-int8")
-    assert emb.graph_role == "edgetpu"
-    vectors = emb.encode_query(["hello world", "edge tpu"])
-    np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)

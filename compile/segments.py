@@ -1,0 +1,34 @@
+"""Pre-flight of the segmented export: one bucket's per-layer segments as one workload.
+
+The export writes the Edge TPU role as 48 co-compiled segments per bucket plus host
+constants (export/segments.py); this module lists their files and sums the mapper's
+per-segment reports into the bucket's totals, adding the MACs the host does outside
+every graph (pooling and the Dense head).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+
+def graph_files(graph: dict[str, Any]) -> list[str]:
+    """The TFLite files of a manifest graph entry: one, or the per-layer segments."""
+    return list(graph["segments"]) if graph.get("layout") == "segments" else [graph["path"]]
+
+
+def segmented_summary(art: Path, graph: dict[str, Any], reports: list[dict[str, Any]]
+                      ) -> dict[str, Any]:
+    """One bucket of the segmented export: its co-compiled segments plus the host's MACs."""
+    import numpy as np
+
+    from .estimate import cocompiled_summary
+
+    seq, slots = int(graph["seq_lens"][0]), int(graph["pool_slots"])
+    host_macs = 0
+    with np.load(art / graph["path"]) as host:
+        hidden = int(host["final_gain"].shape[0])
+        host_macs += slots * seq * hidden  # pooling
+        for k in range(int(host["dense_count"])):
+            host_macs += slots * int(np.prod(host[f"dense_{k}_weight"].shape))
+    return cocompiled_summary(reports, host_macs)

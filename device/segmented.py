@@ -1,0 +1,90 @@
+"""Host loop of the segmented full-int8 encoder (see export/segments.py for the why).
+
+Each layer is two fully int8 graphs (attention, MLP) that run on the Edge TPU
+(or the CPU interpreter, emulating it); between them this loop keeps the
+residual stream in float32 and applies the RMSNorms, then pools, runs the Dense
+head and L2-normalises. numpy only: it runs on a Coral Dev Board.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from gemma_edge.errors import ArtifactError
+
+from .runtime import dequantize, quantize
+
+
+def _rms(x: np.ndarray, eps: float) -> np.ndarray:
+    return x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + eps)
+
+
+class _Segment:
+    """One segment interpreter: float in, float out, int8 at its boundary."""
+
+    def __init__(self, interpreter: Any, path: str):
+        interpreter.allocate_tensors()
+        self.interpreter = interpreter
+        inputs = interpreter.get_input_details()
+        outputs = interpreter.get_output_details()
+        if len(outputs) != 1 or len(inputs) not in (1, 2):
+            raise ArtifactError(f"{path}: {len(inputs)} inputs / {len(outputs)} outputs; "
+                                "not a gemma-edge segment, re-export")
+        # by rank (edgetpu_compiler renames tensors): a [1, 1, T, C]; mask [1, T, T]
+        self.a = next(d for d in inputs if len(d["shape"]) == 4)
+        self.mask = next((d for d in inputs if len(d["shape"]) == 3), None)
+        self.out = outputs[0]
+
+    def __call__(self, x: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray:
+        interp = self.interpreter
+        interp.set_tensor(self.a["index"], quantize(x.reshape(self.a["shape"]), self.a))
+        if self.mask is not None and mask is not None:
+            interp.set_tensor(self.mask["index"], quantize(mask, self.mask))
+        interp.invoke()
+        return dequantize(interp.get_tensor(self.out["index"]), self.out)
+
+
+class SegmentedRunner:
+    """``run(embeddings, mask, pool) -> [S, D]`` like ``runtime.GraphRunner``."""
+
+    def __init__(self, art_dir: Path, entry: dict[str, Any], seq_len: int,
+                 open_graph: Callable[[Path], Any]):
+        self.seq_len = seq_len
+        self.slots = int(entry["pool_slots"])
+        try:
+            with np.load(Path(art_dir) / entry["path"]) as host:
+                self.host = {k: host[k] for k in host.files}
+        except (OSError, ValueError) as exc:
+            raise ArtifactError(f"{Path(art_dir) / entry['path']}: cannot read the segment "
+                                f"constants ({exc}); re-export") from exc
+        files: Sequence[str] = entry["segments"]
+        layers = len(self.host["attn_in"])
+        if len(files) != 2 * layers:
+            raise ArtifactError(f"manifest lists {len(files)} segments for {layers} layers")
+        self.segments = [_Segment(open_graph(Path(art_dir) / f), f) for f in files]
+
+    def run(self, embeddings: np.ndarray, mask: np.ndarray, pool: np.ndarray) -> np.ndarray:
+        h = self.host
+        eps = float(h["eps"])
+        x = embeddings[0].astype(np.float32) * h["embed_scale"]
+        padding = pool[0].sum(0) == 0
+        x[padding] = x[0]  # as in export: a zero row would stretch the int8 ranges
+        for i in range(len(h["attn_in"])):
+            attn, mlp = self.segments[2 * i], self.segments[2 * i + 1]
+            o = attn(_rms(x, eps) / h["attn_in"][i], mask).reshape(x.shape) * h["attn_out"][i]
+            x = x + _rms(o, eps) * h["post_attn_gain"][i]
+            m = mlp(_rms(x, eps) / h["ff_in"][i]).reshape(x.shape) * h["ff_out"][i]
+            x = x + _rms(m, eps) * h["post_ff_gain"][i]
+        x = _rms(x, eps) * h["final_gain"]
+        pooled = pool[0] @ x
+        if int(h["dense_mean"]):
+            pooled = pooled / np.maximum(pool[0].sum(-1, keepdims=True), 1e-9)
+        for k in range(int(h["dense_count"])):
+            pooled = pooled @ h[f"dense_{k}_weight"].T
+            if f"dense_{k}_bias" in h:
+                pooled = pooled + h[f"dense_{k}_bias"]
+        norm = np.sqrt(np.maximum((pooled * pooled).sum(-1, keepdims=True), 1e-24))
+        return (pooled / norm).astype(np.float32)

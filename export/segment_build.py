@@ -1,0 +1,262 @@
+"""Export of the segmented full-int8 encoder: convert, calibrate and quantise every segment.
+
+The segments and their exact rewrites are in ``segments``; this module turns them
+into files: one fully int8 TFLite graph per layer and kind per bucket
+(``edgetpu/attn_<T>_<L>.tflite``, ``edgetpu/mlp_<T>_<L>.tflite``) and the host
+loop's constants (``edgetpu/host.npz``), checks the rewrite in float first, and
+measures each segment's error for ``gemma-edge eval --sensitivity``.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from .encoder import EncoderCore
+from .segments import (
+    AttentionSegment,
+    LayerScales,
+    MlpSegment,
+    Smoothing,
+    host_forward,
+    layer_segments,
+    measure_scales,
+    torch_runner,
+)
+
+FLOAT_EQUALITY = 0.99999  # min cosine of the segmented rewrite to BucketEncoder in float
+
+
+@torch.no_grad()
+def check_float(core: EncoderCore, scales: Sequence[LayerScales],
+                segments: Sequence[tuple[AttentionSegment, MlpSegment]],
+                samples: Sequence[dict[str, np.ndarray]]) -> float:
+    """Min cosine (live pooling slots) of host loop + float segments to BucketEncoder."""
+    from gemma_edge.errors import QuantizationError
+
+    from .encoder import BucketEncoder
+
+    worst = 1.0
+    for sample in samples:
+        args = [torch.from_numpy(sample[k]) for k in ("embeddings", "mask", "pool")]
+        reference = BucketEncoder(core, args[0].shape[1]).eval()(*args)[0]
+        ours = host_forward(core, scales, torch_runner(segments), *args)[0]
+        live = args[2][0].sum(-1) > 0
+        cos = nn.functional.cosine_similarity(reference[live], ours[live], dim=-1)
+        worst = min(worst, float(cos.min()))
+    if worst < FLOAT_EQUALITY:
+        raise QuantizationError(f"segmented rewrite differs from the float encoder "
+                                f"(cosine {worst:.6f} < {FLOAT_EQUALITY})")
+    return worst
+
+
+SEGMENT_DIR = "edgetpu"
+HOST_FILE = f"{SEGMENT_DIR}/host.npz"
+APPROACH = "full-int8-segments"
+DEFAULT_SMOOTHING = Smoothing()
+
+
+def segment_name(kind: str, seq_len: int, layer: int) -> str:
+    return f"{SEGMENT_DIR}/{kind}_{seq_len}_{layer:02d}.tflite"
+
+
+def host_constants(core: EncoderCore, scales: Sequence[LayerScales]) -> dict[str, np.ndarray]:
+    """Everything the device's host loop needs besides the segment graphs (float32)."""
+    def f32(t: torch.Tensor | np.ndarray) -> np.ndarray:
+        return np.asarray(t.detach().numpy() if isinstance(t, torch.Tensor) else t, np.float32)
+
+    out: dict[str, np.ndarray] = {
+        "embed_scale": np.float32(core.spec.embed_scale),
+        "eps": np.float32(core.spec.rms_eps),
+        "final_gain": f32(core.final_norm.gain),
+        "attn_in": np.stack([s.attn_in for s in scales]),
+        "attn_out": np.stack([s.attn_out for s in scales]),
+        "ff_in": np.stack([s.ff_in for s in scales]),
+        "ff_out": np.stack([s.ff_out for s in scales]),
+        # folded into the segments' weights; kept to rebuild the float segments
+        # (`gemma-edge eval --sensitivity --sensitivity-precision full-int8`)
+        "v_scale": np.stack([s.v for s in scales]),
+        "act_scale": np.stack([s.act for s in scales]),
+        "q_scale": np.stack([s.q for s in scales]),
+        "k_scale": np.stack([s.k for s in scales]),
+        "post_attn_gain": np.stack([f32(layer.post_attn_norm.gain) for layer in core.layers]),
+        "post_ff_gain": np.stack([f32(layer.post_ff_norm.gain) for layer in core.layers]),
+        "dense_count": np.int32(len(core.dense)),
+        "dense_mean": np.int32(core.dense_has_bias),
+    }
+    for i, dense in enumerate(core.dense):
+        out[f"dense_{i}_weight"] = f32(dense.weight)
+        if dense.bias is not None:
+            out[f"dense_{i}_bias"] = f32(dense.bias)
+    return out
+
+
+def scales_from_host(host: dict[str, np.ndarray]) -> list[LayerScales]:
+    """The LayerScales an export used, read back from its host.npz."""
+    return [LayerScales(host["attn_in"][i], host["v_scale"][i], host["attn_out"][i],
+                        host["ff_in"][i], host["act_scale"][i], host["ff_out"][i],
+                        host["q_scale"][i], host["k_scale"][i])
+            for i in range(len(host["attn_in"]))]
+
+
+@torch.no_grad()
+def segment_sensitivity(core: EncoderCore, art_dir: Path, graph: dict,
+                        samples: Sequence[dict[str, np.ndarray]]) -> dict[str, dict]:
+    """Error each int8 segment adds: its output vs the float segment on the same input.
+
+    Inputs come from the float host loop (so errors do not compound); reported as
+    SNR in dB over the tokens that belong to a text.
+    """
+    from ai_edge_litert.interpreter import Interpreter
+
+    from gemma_edge.device.segmented import SegmentedRunner
+
+    seq_len = int(graph["seq_lens"][0])
+    runner = SegmentedRunner(art_dir, graph, seq_len,
+                             lambda path: Interpreter(model_path=str(path), num_threads=2))
+    scales = scales_from_host(runner.host)
+    segments = layer_segments(core, seq_len, scales)
+    errors: dict[str, list[float]] = {}
+    for sample in samples:
+        live = torch.from_numpy(sample["pool"][0]).sum(0) > 0
+
+        def run(i: int, kind: str, x: torch.Tensor, mask: Optional[torch.Tensor],
+                live: torch.Tensor = live, sample: dict = sample) -> torch.Tensor:
+            ref = torch_runner(segments)(i, kind, x, mask)
+            seg = runner.segments[2 * i + (kind == "mlp")]
+            got = torch.from_numpy(seg(x.numpy(), sample["mask"] if kind == "attn" else None)
+                                   .reshape(ref.shape))
+            r, g = ref[0, 0][live].double(), got[0, 0][live].double()
+            noise = float((g - r).pow(2).sum()) or 1e-30
+            errors.setdefault(f"layer {i:02d} / {kind}", []).append(
+                10.0 * math.log10(float(r.pow(2).sum()) / noise))
+            return ref
+
+        host_forward(core, scales, run, *(torch.from_numpy(sample[k])
+                                          for k in ("embeddings", "mask", "pool")))
+    return {key: {"mean_snr_db": float(np.mean(v)), "min_snr_db": float(np.min(v)),
+                  "tensors": len(v)} for key, v in sorted(errors.items())}
+
+
+class _Seg(nn.Module):
+    """Named I/O for the converter: inputs ``a``/``mask`` or ``b``, output ``out``."""
+
+    def __init__(self, inner: nn.Module):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, *args: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"out": self.inner(*args)}
+
+
+class _AttnSeg(_Seg):
+    def forward(self, a: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"out": self.inner(a, mask)}
+
+
+class _MlpSeg(_Seg):
+    def forward(self, b: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"out": self.inner(b)}
+
+
+def _convert_segment(module: nn.Module, sample: dict[str, torch.Tensor]) -> bytes:
+    import contextlib
+
+    import litert_torch
+
+    from gemma_edge.errors import ConversionError
+
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            return bytes(litert_torch.signature("segment", module.eval(), sample_kwargs=sample)
+                         .convert().model_content())
+    except Exception as exc:  # noqa: BLE001 - litert-torch raises many types
+        raise ConversionError(f"litert-torch could not convert a segment: "
+                              f"{type(exc).__name__}: {exc}") from exc
+
+
+def quantize_segment(kind: str, pair: tuple[AttentionSegment, MlpSegment], seq_len: int,
+                     hidden: int, feeds: Sequence[dict[str, np.ndarray]]) -> bytes:
+    """Convert one segment ("attn" or "mlp") and quantise it fully to int8 on ``feeds``."""
+    from .quantize import Approach, QuantConfig, quantize_graph
+
+    attn, mlp = pair
+    if kind == "attn":
+        module: nn.Module = _AttnSeg(attn)
+        sample = {"a": torch.zeros(1, 1, seq_len, hidden), "mask": torch.ones(1, seq_len, seq_len)}
+    else:
+        module, sample = _MlpSeg(mlp), {"b": torch.zeros(1, 1, seq_len, hidden)}
+    return quantize_graph(_convert_segment(module, sample), "segment",
+                          QuantConfig(Approach.FULL_INT8), feeds)
+
+
+@torch.no_grad()
+def build_segmented(core: EncoderCore, out_dir: Path, buckets: Sequence[int],
+                    calibration: dict[int, list[dict[str, np.ndarray]]],
+                    smoothing: Smoothing = DEFAULT_SMOOTHING,
+                    progress: Optional[Callable[[str], None]] = None) -> list[dict]:
+    """Write every bucket's segments + the host constants; returns manifest entries.
+
+    ``calibration``: {bucket: [graph inputs]} from the project corpus
+    (``export.calibration``). Per-channel scales come from a float pass over a few
+    samples of every bucket; each segment is then calibrated on its own inputs as
+    the host computes them in float (min/max, ai-edge-quantizer static_wi8_ai8),
+    so calibration memory is one layer's tensors, whatever the bucket.
+    """
+    from gemma_edge.manifest import atomic_write_bytes
+
+    from .quantize import check_fully_int8
+
+    out_dir = Path(out_dir)
+    (out_dir / SEGMENT_DIR).mkdir(parents=True, exist_ok=True)
+    stats_samples = [s for t in buckets for s in calibration[t][:4]]
+    if progress:
+        progress("segments: measuring per-channel scales")
+    scales = measure_scales(core, stats_samples, smoothing)
+    consts = host_constants(core, scales)
+    buffer = io.BytesIO()
+    np.savez(buffer, **consts)
+    atomic_write_bytes(out_dir / HOST_FILE, buffer.getvalue())
+    hidden = core.spec.hidden_size
+    entries = []
+    for seq_len in buckets:
+        segments = layer_segments(core, seq_len, scales)
+        worst = check_float(core, scales, segments, calibration[seq_len][:2])
+        if progress:
+            progress(f"segments: bucket {seq_len} equal in float (cos {worst:.7f})")
+        inputs: dict[tuple[int, str], list[dict[str, np.ndarray]]] = {}
+        for sample in calibration[seq_len]:
+            def run(i: int, kind: str, x: torch.Tensor, mask: Optional[torch.Tensor],
+                    sample: dict[str, np.ndarray] = sample, inputs: dict = inputs,
+                    segments: list = segments) -> torch.Tensor:
+                feed = ({"a": x.numpy(), "mask": sample["mask"]} if kind == "attn"
+                        else {"b": x.numpy()})
+                inputs.setdefault((i, kind), []).append(feed)
+                return torch_runner(segments)(i, kind, x, mask)
+            host_forward(core, scales, run, *(torch.from_numpy(sample[k])
+                                              for k in ("embeddings", "mask", "pool")))
+        files = []
+        census: dict[str, int] = {}
+        for i, pair in enumerate(segments):
+            for kind in ("attn", "mlp"):
+                if progress:
+                    progress(f"segments: bucket {seq_len}, layer {i} {kind}")
+                quantized = quantize_segment(kind, pair, seq_len, hidden, inputs[(i, kind)])
+                for key, n in check_fully_int8(quantized).items():
+                    census[key] = census.get(key, 0) + n
+                name = segment_name(kind, seq_len, i)
+                atomic_write_bytes(out_dir / name, quantized)
+                files.append(name)
+        entries.append({"path": HOST_FILE, "role": "edgetpu", "layout": "segments",
+                        "seq_lens": [int(seq_len)], "pool_slots": int(calibration[seq_len][0]
+                                                                     ["pool"].shape[1]),
+                        "segments": files, "approach": APPROACH, "smoothing": smoothing.to_json(),
+                        "census": census,
+                        "calibration_per_bucket": len(calibration[seq_len])})
+    return entries

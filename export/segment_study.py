@@ -1,0 +1,136 @@
+"""`gemma-edge segment-study`: the measurements behind the segments' recipe.
+
+Builds one bucket's int8 segments with a chosen smoothing and calibration size,
+quantises only the segment kinds asked for (the others stay float PyTorch), and
+prints the cosine of the result to the float encoder on held-out texts. This is
+how the table in docs/quantization.md was measured; the export itself uses
+``segments.build_segmented`` with the defaults.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import numpy as np
+
+# torch, litert-torch and the quantiser are imported inside the functions: the CLI
+# registers this command on every start, also where only the device runtime exists.
+
+
+def heldout_inputs(art_dir: Path, seq_len: int, count: int) -> list[dict[str, np.ndarray]]:
+    """Half queries, half documents of the held-out set, one text per bucket."""
+    from gemma_edge.datasets import load_heldout
+    from gemma_edge.device import Embedder
+
+    from .calibration import _inputs
+
+    emb = Embedder(art_dir, backend="cpu", precision="float")
+    queries, docs = load_heldout()
+    texts = ([emb.prompts["query"] + q["text"] for q in queries[:count // 2]]
+             + [f"title: none | text: {d['text']}" for d in docs[:count - count // 2]])
+    ids, _ = emb.tokenizer.encode(texts, seq_len)
+    ids = [i if len(i) <= seq_len else list(i[:seq_len - 1]) + [i[-1]] for i in ids]
+    return [_inputs(emb, [i], seq_len) for i in ids]
+
+
+def study(checkpoint: str, art_dir: Path, seq_len: int, smoothing: Any,
+          calibration: int, texts: int, kinds: Sequence[str]) -> dict[str, Any]:
+    """Cosine to the float encoder with the ``kinds`` segments in int8 (see module doc)."""
+    import torch
+
+    with torch.no_grad():
+        return _study(checkpoint, art_dir, seq_len, smoothing, calibration, texts, kinds)
+
+
+def _study(checkpoint: str, art_dir: Path, seq_len: int, smoothing: Any,
+           calibration: int, texts: int, kinds: Sequence[str]) -> dict[str, Any]:
+    import torch
+    from ai_edge_litert.interpreter import Interpreter
+    from tqdm import tqdm
+
+    from gemma_edge.device.segmented import _Segment
+
+    from . import segments as seg
+    from .calibration import calibration_set
+    from .checkpoint import load_checkpoint
+    from .encoder import BucketEncoder, build_encoder
+    from .segment_build import quantize_segment
+
+    core, _ = build_encoder(load_checkpoint(checkpoint))
+    cal = calibration_set(art_dir, [seq_len], calibration)[seq_len]
+    evals = heldout_inputs(art_dir, seq_len, texts)
+    scales = seg.measure_scales(core, cal, smoothing)
+    segments = seg.layer_segments(core, seq_len, scales)
+    float_run = seg.torch_runner(segments)
+    inputs: dict[tuple[int, str], list[dict[str, np.ndarray]]] = {}
+    for sample in cal:
+        def record(i: int, kind: str, x: Any, mask: Optional[Any], sample: dict = sample) -> Any:
+            inputs.setdefault((i, kind), []).append(
+                {"a": x.numpy(), "mask": sample["mask"]} if kind == "attn" else {"b": x.numpy()})
+            return float_run(i, kind, x, mask)
+        seg.host_forward(core, scales, record, *_args(sample))
+    hidden = core.spec.hidden_size
+    int8: dict[tuple[int, str], Any] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for (i, kind), feeds in tqdm(sorted(inputs.items()), desc="segments", unit="graph"):
+            if kind not in kinds:
+                continue
+            data = quantize_segment(kind, segments[i], seq_len, hidden, feeds)
+            path = Path(tmp) / f"{kind}_{i}.tflite"
+            path.write_bytes(data)
+            int8[(i, kind)] = _Segment(Interpreter(model_path=str(path), num_threads=2), str(path))
+
+        def run(i: int, kind: str, x: Any, mask: Optional[Any]) -> Any:
+            if (i, kind) not in int8:
+                return float_run(i, kind, x, mask)
+            out = int8[(i, kind)](x.numpy(), None if mask is None else mask.numpy())
+            return torch.from_numpy(out.reshape(x.shape))
+
+        reference = BucketEncoder(core, seq_len).eval()
+        cos = []
+        for sample in evals:
+            a = reference(*_args(sample))[0, 0]
+            b = seg.host_forward(core, scales, run, *_args(sample))[0, 0]
+            cos.append(float(torch.nn.functional.cosine_similarity(a, b, 0)))
+    values = np.array(cos)
+    return {"seq_len": seq_len, "smoothing": smoothing.to_json(), "calibration": calibration,
+            "texts": len(values), "kinds": list(kinds), "cosine_mean": float(values.mean()),
+            "cosine_min": float(values.min()), "cosine_p1": float(np.percentile(values, 1))}
+
+
+def _args(sample: dict[str, np.ndarray]) -> list[Any]:
+    import torch
+
+    return [torch.from_numpy(sample[k]) for k in ("embeddings", "mask", "pool")]
+
+
+def _run(args: Any) -> int:
+    import json
+
+    alphas = [float(a) for a in args.smoothing.split(",")]
+    if len(alphas) != 4 or not all(0.0 <= a <= 1.0 for a in alphas):
+        from gemma_edge.errors import InputError
+        raise InputError(f"--smoothing {args.smoothing!r}: four values in [0, 1] "
+                         "(attention input, V, MLP input, GELU product)")
+    from .segments import Smoothing
+
+    result = study(args.checkpoint, args.artifacts, args.seq_len, Smoothing(*alphas),
+                   args.calibration, args.texts, args.kinds.split(","))
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+def register(sub: Any) -> None:
+    p = sub.add_parser("segment-study", help="cosine of int8 segments vs float for one recipe "
+                                             "(the measurements of docs/quantization.md)")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--artifacts", required=True, type=Path, help="a float export (tokenizer, table)")
+    p.add_argument("--seq-len", type=int, default=128)
+    p.add_argument("--smoothing", default="0.75,0.75,0.6,0.6",
+                   help="SmoothQuant alphas: attention input, V, MLP input, GELU product")
+    p.add_argument("--calibration", type=int, default=32, help="corpus samples")
+    p.add_argument("--texts", type=int, default=24, help="held-out texts to compare")
+    p.add_argument("--kinds", default="attn,mlp", help="segments quantised (others stay float)")
+    p.set_defaults(func=_run)

@@ -1,0 +1,348 @@
+"""The segmented full-int8 encoder: per-layer int8 graphs, residual stream on the host.
+
+Why segments: a single fully int8 graph must carry the residual stream in int8
+with one scale per tensor. On EmbeddingGemma that stream reaches 1e2-1e5 in a
+few channels (sqrt(768)-scaled embeddings, large post-norm gains), and every
+experiment with it in int8 lost the model (held-out cosine 0.50, see
+docs/quantization.md). Here each layer is two graphs, both fully int8 (int8
+inputs, activations, weights and outputs, Edge TPU-mappable ops only):
+
+    attention segment  a [1, 1, T, C] int8, mask [1, T, T] int8 -> o [1, 1, T, C] int8
+    MLP segment        b [1, 1, T, C] int8                      -> m [1, 1, T, C] int8
+
+and the host does what 8 bits cannot: the residual adds and the four RMSNorms
+of each layer in float32 (a few vector ops per token), the pooling, the Dense
+head and the L2 norm. Every encoder weight is in the segments (99.7 % of the MACs
+at 256 tokens; only the Dense head runs on the host); on a Coral board each segment
+is one Edge TPU call.
+
+Exact rewrites that make per-tensor int8 work, all folded into weights or into
+host-side per-channel vectors (checked equal in float by ``check_float``):
+
+- segment inputs are ``rms(x) / s``: the pre-norm gain and a SmoothQuant
+  per-channel scale ``s = A^alpha / W^(1 - alpha)`` go into the weight columns;
+- segment outputs are divided per channel by their calibrated absmax (weight
+  rows), the host multiplies back before its RMSNorm: per-channel output scales
+  for free;
+- V and the GELU product get SmoothQuant scales folded between v/o and up/down;
+- q, k, v and gate, up are separate 1x1 convolutions: one output scale each;
+- q and k are carried divided by their channel absmax ``u``; their RMSNorm's
+  mean square is a 1x1 convolution of ``(q/u)^2`` with weights ``u^2 / D``
+  (squaring raw q in int8 rounded most squares to 0);
+- softmax without a mask penalty in any int8 tensor: the row max is taken over
+  ``scores * mask`` and masking multiplies ``exp(max - s)`` by the 0/1 mask;
+  normalisation is split as ``(sum_j (e_j / sqrt(S)) v_j) / sqrt(S)`` so the
+  probabilities keep more than the 1/256 of an int8 softmax.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Optional, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from .coral_encoder import DEFAULT_MAX_PRODUCT, GELU_C1, GELU_C2, CoralLayer, _apply, _conv
+from .encoder import EncoderCore, EncoderLayer, band_bias, rope_for_heads, rope_tables
+
+
+@dataclass
+class LayerScales:
+    """Per-channel vectors of one layer (float32 numpy), shared by every bucket."""
+
+    attn_in: np.ndarray   # [C] segment input = rms(x) / attn_in
+    v: np.ndarray         # [D] V channel d is divided by v[d] (o_proj columns multiplied)
+    attn_out: np.ndarray  # [C] o_proj output channel c is divided by attn_out[c]
+    ff_in: np.ndarray     # [C]
+    act: np.ndarray       # [I] GELU(gate) * up channel j is divided by act[j]
+    ff_out: np.ndarray    # [C]
+    q: np.ndarray         # [H*D] raw q channel absmax: the graph carries q / q_scale
+    k: np.ndarray         # [D]
+
+    @staticmethod
+    def identity(c: int, d: int, i: int, heads: int = 1) -> LayerScales:
+        one = np.ones
+        return LayerScales(one(c, np.float32), one(d, np.float32), one(c, np.float32),
+                           one(c, np.float32), one(i, np.float32), one(c, np.float32),
+                           one(heads * d, np.float32), one(d, np.float32))
+
+
+@dataclass(frozen=True)
+class Smoothing:
+    """SmoothQuant migration strengths per place (0: none, 1: all into the weights).
+
+    Chosen on the corpus at 128 tokens (docs/quantization.md): the MLP wants less
+    migration than the attention input.
+    """
+
+    attn_in: float = 0.75
+    v: float = 0.75
+    ff_in: float = 0.6
+    act: float = 0.6
+
+    def to_json(self) -> dict[str, float]:
+        return {"attn_in": self.attn_in, "v": self.v, "ff_in": self.ff_in, "act": self.act}
+
+
+def smooth(act_absmax: torch.Tensor, weight_colmax: torch.Tensor, alpha: float) -> torch.Tensor:
+    """SmoothQuant's migration scale s = A^alpha / W^(1 - alpha) (activation /= s)."""
+    a = act_absmax.double().clamp(min=1e-5)
+    w = weight_colmax.double().clamp(min=1e-5)
+    return (a.pow(alpha) / w.pow(1.0 - alpha)).float()
+
+
+def _t(v: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.asarray(v, np.float32)).double()
+
+
+class AttentionSegment(nn.Module):
+    """One layer's attention branch: rms-normalised input -> o_proj output (Coral ops)."""
+
+    def __init__(self, layer: EncoderLayer, seq_len: int, sliding: bool, window_radius: int,
+                 rope_theta: float, scales: LayerScales, max_product: int = DEFAULT_MAX_PRODUCT):
+        super().__init__()
+        hd, heads, kv = layer.head_dim, layer.num_heads, layer.num_kv
+        if kv != 1:
+            raise ValueError("the segmented encoder supports one KV head (EmbeddingGemma)")
+        self.heads, self.hd, self.seq_len, self.max_product = heads, hd, seq_len, max_product
+        self.eps = layer.input_norm.eps
+        col = layer.input_norm.gain.detach().double() * _t(scales.attn_in)
+        w_qkv = layer.qkv_proj.weight.detach().double() * col
+        inv_v = 1.0 / _t(scales.v)
+        u_q, u_k = _t(scales.q), _t(scales.k)
+        self.q = _conv(w_qkv[:heads * hd] / u_q[:, None])
+        self.k = _conv(w_qkv[heads * hd:(heads + 1) * hd] / u_k[:, None])
+        self.v = _conv(w_qkv[(heads + 1) * hd:] * inv_v[:, None])
+        # q/k RMSNorm of channel-equalised q' = q / u: mean(q^2) = sum_d (u_d^2 / D) q'_d^2,
+        # a 1x1 convolution (block-diagonal over heads) instead of MUL + MEAN on raw q:
+        # squaring raw q in int8 (range +-60, per-token rms 4..14) rounded most squares
+        # to 0 (attention segment error 0.12 -> 0.44 in simulation).
+        w_ms = torch.zeros(heads, heads * hd, dtype=torch.float64)
+        for h in range(heads):
+            w_ms[h, h * hd:(h + 1) * hd] = u_q[h * hd:(h + 1) * hd] ** 2 / hd
+        self.q_ms = _conv(w_ms, torch.full((heads,), self.eps, dtype=torch.float64))
+        self.k_ms = _conv((u_k ** 2 / hd)[None, :], torch.full((1,), self.eps, dtype=torch.float64))
+        w_o = layer.o_proj.weight.detach().double() * _t(scales.v).repeat(heads)
+        self.o = _conv(w_o / _t(scales.attn_out)[:, None])
+        # the k gain is negated: scores come out as -s, the softmax takes REDUCE_MIN
+        # (ai-edge-quantizer has no int8 REDUCE_MAX), as in coral_encoder.
+        self.q_gain = nn.Parameter((layer.q_norm.gain.detach().double().repeat(heads) * u_q)
+                                   .float().reshape(1, 1, heads, hd), requires_grad=False)
+        self.k_gain = nn.Parameter((-layer.k_norm.gain.detach().double() * u_k).float(),
+                                   requires_grad=False)
+        cos, sin = rope_tables(seq_len, hd, rope_theta)
+        half = hd // 2
+        sin = torch.cat([-sin[:, :half], sin[:, half:]], dim=-1)
+        self.register_buffer("cos_q", cos.reshape(1, seq_len, 1, hd), persistent=False)
+        self.register_buffer("sin_q", sin.reshape(1, seq_len, 1, hd), persistent=False)
+        self.register_buffer("cos_k", cos.reshape(1, 1, seq_len, hd), persistent=False)
+        self.register_buffer("sin_k", sin.reshape(1, 1, seq_len, hd), persistent=False)
+        inside = torch.ones(seq_len, seq_len)
+        if sliding and window_radius < seq_len:
+            inside = (band_bias(seq_len, window_radius, 1.0) + 1.0)
+        self.register_buffer("band", inside.reshape(1, seq_len, 1, seq_len), persistent=False)
+        self.sliding_band = bool(sliding and window_radius < seq_len)
+
+    def forward(self, a: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        seq, heads, hd = self.seq_len, self.heads, self.hd
+        q = _apply(self.q, a)                                              # [1, 1, T, H*D]
+        q_r = torch.rsqrt(_apply(self.q_ms, q * q)).reshape(1, seq, heads, 1)
+        q = q.reshape(1, seq, heads, hd) * q_r * self.q_gain
+        q = q * self.cos_q + _rotate_half(q) * self.sin_q                  # [1, T, H, D]
+        k = _apply(self.k, a)                                              # [1, 1, T, D]
+        k = k * torch.rsqrt(_apply(self.k_ms, k * k)) * self.k_gain
+        k = k * self.cos_k + _rotate_half(k) * self.sin_k                  # [1, 1, T, D] (= -k)
+        v = _apply(self.v, a)                                              # [1, 1, T, D]
+        neg = CoralLayer._blocks(q.reshape(1, seq * heads, 1, hd), k, -1, self.max_product)
+        neg = neg.reshape(1, seq, heads, seq)                              # -scores
+        visible = mask.reshape(1, seq, 1, seq)
+        if self.sliding_band:
+            visible = visible * self.band
+        # -max over the visible scores (masked ones read as 0: if every visible score is
+        # negative the shift is 0 instead of the max, still exact in float)
+        low = torch.amin(neg * visible, -1, keepdim=True)
+        y = torch.relu(neg - low)                                          # >= 0 where visible
+        r = torch.rsqrt(torch.sigmoid(y))
+        e = torch.sigmoid(-y) * r * r * visible                            # exp(-y), masked
+        inv = torch.rsqrt(e.sum(-1, keepdim=True))                         # 1 / sqrt(row sum)
+        p = (e * inv).reshape(1, seq * heads, seq, 1)
+        o = CoralLayer._blocks(p, v, 2, self.max_product).reshape(1, seq, heads, hd)
+        o = (o * inv).reshape(1, 1, seq, heads * hd)
+        return _apply(self.o, o)
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat([x[..., half:], x[..., :half]], dim=-1)
+
+
+class MlpSegment(nn.Module):
+    """One layer's MLP branch: rms-normalised input -> down_proj output (Coral ops)."""
+
+    def __init__(self, layer: EncoderLayer, scales: LayerScales):
+        super().__init__()
+        inter = layer.intermediate
+        col = layer.pre_ff_norm.gain.detach().double() * _t(scales.ff_in)
+        w = layer.gate_up_proj.weight.detach().double() * col
+        self.gate = _conv(w[:inter])
+        self.up = _conv(w[inter:] / _t(scales.act)[:, None])
+        w_down = layer.down_proj.weight.detach().double() * _t(scales.act)
+        self.down = _conv(w_down / _t(scales.ff_out)[:, None])
+
+    def forward(self, b: torch.Tensor) -> torch.Tensor:
+        gate = _apply(self.gate, b)
+        act = gate * torch.sigmoid(gate * (GELU_C1 + GELU_C2 * gate * gate)) * _apply(self.up, b)
+        return _apply(self.down, act)
+
+
+SegmentFn = Callable[[int, str, torch.Tensor, Optional[torch.Tensor]], torch.Tensor]
+
+
+def host_rms(x: torch.Tensor, eps: float) -> torch.Tensor:
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+
+
+@torch.no_grad()
+def host_forward(core: EncoderCore, scales: Sequence[LayerScales], run: SegmentFn,
+                 embeddings: torch.Tensor, mask: torch.Tensor, pool: torch.Tensor,
+                 record: Optional[Callable[[int, str, torch.Tensor], None]] = None
+                 ) -> torch.Tensor:
+    """The host's part of the segmented encoder, with ``run(layer, kind, input, mask)``
+    computing a segment (torch modules, or int8 TFLite graphs on the device).
+
+    ``record(layer, name, tensor)`` sees every segment input/output (calibration).
+    """
+    spec = core.spec
+    seq = embeddings.shape[1]
+    x = embeddings[0].double() * spec.embed_scale
+    # Padding rows get the first token's row: a zero row would normalise to rsqrt(eps)
+    # = 1e3 and stretch every int8 range it reaches. Padding is masked both ways and
+    # never pooled, so its value does not touch the result.
+    padding = pool[0].sum(0) == 0
+    x[padding] = x[0].clone()
+    for i, layer in enumerate(core.layers):
+        s = scales[i]
+        a = host_rms(x, layer.input_norm.eps) / _t(s.attn_in)
+        if record:
+            record(i, "attn_in", a)
+        o = run(i, "attn", a.float().reshape(1, 1, seq, -1), mask).reshape(seq, -1).double()
+        if record:
+            record(i, "attn_out", o)
+        o = o * _t(s.attn_out)
+        x = x + host_rms(o, layer.post_attn_norm.eps) * layer.post_attn_norm.gain.double()
+        b = host_rms(x, layer.pre_ff_norm.eps) / _t(s.ff_in)
+        if record:
+            record(i, "ff_in", b)
+        m = run(i, "mlp", b.float().reshape(1, 1, seq, -1), None).reshape(seq, -1).double()
+        if record:
+            record(i, "ff_out", m)
+        m = m * _t(s.ff_out)
+        x = x + host_rms(m, layer.post_ff_norm.eps) * layer.post_ff_norm.gain.double()
+    x = host_rms(x, core.final_norm.eps) * core.final_norm.gain.double()
+    pooled = pool[0].double() @ x
+    if core.dense_has_bias:
+        pooled = pooled / torch.clamp(pool[0].sum(-1, keepdim=True).double(), min=1e-9)
+    for dense in core.dense:
+        pooled = nn.functional.linear(pooled, dense.weight.double(),
+                                      None if dense.bias is None else dense.bias.double())
+    norm = torch.rsqrt(torch.clamp(pooled.pow(2).sum(-1, keepdim=True), min=1e-24))
+    return (pooled * norm).float().unsqueeze(0)
+
+
+def layer_segments(core: EncoderCore, seq_len: int, scales: Sequence[LayerScales],
+                   max_product: int = DEFAULT_MAX_PRODUCT
+                   ) -> list[tuple[AttentionSegment, MlpSegment]]:
+    spec = core.spec
+    out = []
+    for i, layer in enumerate(core.layers):
+        sliding = spec.layer_types[i] == "sliding_attention"
+        theta = spec.rope_theta_local if sliding else spec.rope_theta_global
+        out.append((AttentionSegment(layer, seq_len, sliding, spec.window_radius, theta,
+                                     scales[i], max_product).eval(),
+                    MlpSegment(layer, scales[i]).eval()))
+    return out
+
+
+def torch_runner(segments: Sequence[tuple[AttentionSegment, MlpSegment]]) -> SegmentFn:
+    def run(i: int, kind: str, x: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
+        attn, mlp = segments[i]
+        return attn(x, mask) if kind == "attn" else mlp(x)
+    return run
+
+
+@torch.no_grad()
+def measure_scales(core: EncoderCore, samples: Sequence[dict[str, np.ndarray]],
+                   smoothing: Smoothing = Smoothing()) -> list[LayerScales]:
+    """Per-channel scales from float runs over calibration inputs (the corpus, never held-out).
+
+    Layer i's scales depend only on layers < i being exact, so one float pass with
+    identity scales collects every absmax; weights' column maxima come from the
+    checkpoint.
+    """
+    spec = core.spec
+    c, d, inter = spec.hidden_size, spec.head_dim, spec.intermediate_size
+    n = len(core.layers)
+    stats: dict[tuple[int, str], torch.Tensor] = {}
+
+    def keep(i: int, name: str, t: torch.Tensor) -> None:
+        t = t.reshape(-1, t.shape[-1]).abs().amax(0).float()
+        key = (i, name)
+        stats[key] = torch.maximum(stats[key], t) if key in stats else t
+
+    ident = [LayerScales.identity(c, d, inter, spec.num_heads) for _ in range(n)]
+    for sample in samples:
+        seq = sample["embeddings"].shape[1]
+        live = torch.from_numpy(sample["pool"][0]).sum(0) > 0  # tokens that belong to a text
+
+        def rec(i: int, name: str, t: torch.Tensor, live: torch.Tensor = live) -> None:
+            keep(i, name, t[live])
+
+        def run(i: int, kind: str, x: torch.Tensor, mask: Optional[torch.Tensor],
+                live: torch.Tensor = live, seq: int = seq) -> torch.Tensor:
+            layer = core.layers[i]
+            h = x.reshape(seq, -1)
+            if kind == "attn":
+                sliding = spec.layer_types[i] == "sliding_attention"
+                theta = spec.rope_theta_local if sliding else spec.rope_theta_global
+                rope = rope_for_heads(seq, spec.head_dim, theta, spec.num_heads)
+                bias = (mask[0] - 1.0) * 1e4
+                if sliding:
+                    bias = bias + band_bias(seq, spec.window_radius, 1e4)
+                gained = h * layer.input_norm.gain
+                qkv = layer.qkv_proj(gained)
+                hq = spec.num_heads * spec.head_dim
+                keep(i, "q", qkv[:, :hq][live])
+                keep(i, "k", qkv[:, hq:hq + spec.head_dim][live])
+                keep(i, "v", qkv[:, hq + spec.head_dim:][live])
+                return layer.attention(gained, rope, bias)
+            gate_up = layer.gate_up_proj(h * layer.pre_ff_norm.gain)
+            g, u = gate_up[:, :layer.intermediate], gate_up[:, layer.intermediate:]
+            act = nn.functional.gelu(g, approximate="tanh") * u
+            keep(i, "act", act[live])
+            return layer.down_proj(act)
+
+        host_forward(core, ident, run, *(torch.from_numpy(sample[k])
+                                         for k in ("embeddings", "mask", "pool")), record=rec)
+    out = []
+    for i, layer in enumerate(core.layers):
+        hd = spec.head_dim
+        w_qkv = layer.qkv_proj.weight.detach() * layer.input_norm.gain.detach()
+        attn_in = smooth(stats[(i, "attn_in")], w_qkv.abs().amax(0), smoothing.attn_in)
+        w_gu = layer.gate_up_proj.weight.detach() * layer.pre_ff_norm.gain.detach()
+        ff_in = smooth(stats[(i, "ff_in")], w_gu.abs().amax(0), smoothing.ff_in)
+        w_o = layer.o_proj.weight.detach().abs().reshape(c, spec.num_heads, hd).amax((0, 1))
+        v = smooth(stats[(i, "v")], w_o, smoothing.v)
+        act = smooth(stats[(i, "act")], layer.down_proj.weight.detach().abs().amax(0),
+                     smoothing.act)
+        # outputs: per-channel absmax of the unscaled branch outputs (recorded with
+        # identity scales), so every output channel spans the same int8 range
+        attn_out = stats[(i, "attn_out")].clamp(min=1e-6)
+        ff_out = stats[(i, "ff_out")].clamp(min=1e-6)
+        q_abs, k_abs = stats[(i, "q")].clamp(min=1e-6), stats[(i, "k")].clamp(min=1e-6)
+        out.append(LayerScales(*(t.numpy().astype(np.float32) for t in
+                                 (attn_in, v, attn_out, ff_in, act, ff_out, q_abs, k_abs))))
+    assert math.isfinite(float(sum(float(s.attn_in.sum()) for s in out)))
+    return out
