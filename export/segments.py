@@ -225,22 +225,17 @@ def host_forward(core: EncoderCore, scales: Sequence[LayerScales], run: SegmentF
     x[padding] = x[0].clone()
     for i, layer in enumerate(core.layers):
         s = scales[i]
-        a = host_rms(x, layer.input_norm.eps) / _t(s.attn_in)
-        if record:
-            record(i, "attn_in", a)
-        o = run(i, "attn", a.float().reshape(1, 1, seq, -1), mask).reshape(seq, -1).double()
-        if record:
-            record(i, "attn_out", o)
-        o = o * _t(s.attn_out)
-        x = x + host_rms(o, layer.post_attn_norm.eps) * layer.post_attn_norm.gain.double()
-        b = host_rms(x, layer.pre_ff_norm.eps) / _t(s.ff_in)
-        if record:
-            record(i, "ff_in", b)
-        m = run(i, "mlp", b.float().reshape(1, 1, seq, -1), None).reshape(seq, -1).double()
-        if record:
-            record(i, "ff_out", m)
-        m = m * _t(s.ff_out)
-        x = x + host_rms(m, layer.post_ff_norm.eps) * layer.post_ff_norm.gain.double()
+        for kind, pre, post, s_in, s_out, name in (
+                ("attn", layer.input_norm, layer.post_attn_norm, s.attn_in, s.attn_out, "attn"),
+                ("mlp", layer.pre_ff_norm, layer.post_ff_norm, s.ff_in, s.ff_out, "ff")):
+            h = host_rms(x, pre.eps) / _t(s_in)
+            if record:
+                record(i, f"{name}_in", h)
+            out = run(i, kind, h.float().reshape(1, 1, seq, -1), mask if kind == "attn" else None)
+            out = out.reshape(seq, -1).double()
+            if record:
+                record(i, f"{name}_out", out)
+            x = x + host_rms(out * _t(s_out), post.eps) * post.gain.double()
     x = host_rms(x, core.final_norm.eps) * core.final_norm.gain.double()
     pooled = pool[0].double() @ x
     if core.dense_has_bias:
