@@ -40,9 +40,10 @@ def run_demo(workdir: Path) -> int:
     _say("1. building a tiny random EmbeddingGemma-shaped checkpoint (offline)")
     ckpt = build_tiny_checkpoint(workdir / "checkpoint")
     art = workdir / "artifacts"
-    _say("2. gemma-edge export: float + int8 TFLite graphs, verified vs sentence-transformers")
+    _say("2. gemma-edge export: float + int8 TFLite graphs and the fully int8 Edge TPU "
+         "segments, verified vs sentence-transformers")
     code = cli(["export", "--checkpoint", str(ckpt), "--out", str(art),
-                "--seq-len", "16,32,64", "--pool-slots", "4"])
+                "--seq-len", "16,32,64", "--pool-slots", "4", "--edgetpu-seq-len", "32"])
     if code:
         return code
     _say("3. gemma-edge embed: texts in a file -> .npy")
