@@ -169,8 +169,9 @@ def cocompiled_summary(graphs: list[dict[str, Any]], host_macs: int = 0,
     io = sum(g["io_bytes"] for g in graphs)
     estimates = [estimate_latency(a, t.name, clock, tpu, cpu, cached, streamed, io, calls)
                  .to_json() for t in a.targets for clock in a.clock_hz]
-    return {"models": len(graphs), "ops": sum(g["ops"] for g in graphs),
-            "tpu_ops": sum(g["tpu_ops"] for g in graphs), "tpu_macs": tpu, "cpu_macs": cpu,
+    ops, tpu_ops = sum(g["ops"] for g in graphs), sum(g["tpu_ops"] for g in graphs)
+    return {"models": len(graphs), "ops": ops, "tpu_ops": tpu_ops,
+            "op_share": tpu_ops / ops if ops else 0.0, "tpu_macs": tpu, "cpu_macs": cpu,
             "mac_share": tpu / (tpu + cpu) if tpu + cpu else 0.0, "param_bytes": sum(params),
             "cached_bytes": cached, "streamed_bytes": streamed, "edgetpu_calls": calls,
             "io_bytes": io, "estimates": estimates}

@@ -144,7 +144,6 @@ def edgetpu_estimate(artifacts: Path, manifest: dict[str, Any]) -> Optional[dict
             if graph.get("layout") == "segments":
                 g = segmented_summary(Path(artifacts), graph,
                                       [r["graphs"][0] for r in reports])
-                g["op_share"] = g["tpu_ops"] / g["ops"] if g["ops"] else 0.0
             else:
                 g = reports[0]["graphs"][0]
         except Exception as exc:  # noqa: BLE001 - an estimate is optional in a benchmark

@@ -118,14 +118,17 @@ class Embedder:
                                 "that builds it (`gemma-edge export` makes every graph)")
         return "cpu", role, reason
 
-    def _open_edgetpu(self, graph: dict[str, Any]) -> Any:
+    def _open_edgetpu(self, graph: dict[str, Any], cache: bool = True) -> Any:
         from .edgetpu import make_edgetpu_interpreter
 
         path = graph["path"]
-        if path not in self._interpreters:
-            self._interpreters[path] = make_edgetpu_interpreter(
-                self.art_dir / path, device=self.device, num_threads=self.num_threads)
-        return self._interpreters[path]
+        if path in self._interpreters:
+            return self._interpreters[path]
+        interp = make_edgetpu_interpreter(self.art_dir / path, device=self.device,
+                                          num_threads=self.num_threads)
+        if cache:
+            self._interpreters[path] = interp
+        return interp
 
     def _open_cpu(self, graph: dict[str, Any], cache: bool = True) -> Any:
         path = graph["path"]
@@ -168,16 +171,11 @@ class Embedder:
 
         key = f"{graph['path']}#{seq_len}"
         self._evict_for(key)
-        if self.backend == "edgetpu":
-            from .edgetpu import make_edgetpu_interpreter
+        open_one = self._open_edgetpu if self.backend == "edgetpu" else self._open_cpu
 
-            def open_graph(path: Path) -> Any:
-                return make_edgetpu_interpreter(path, device=self.device,
-                                                num_threads=self.num_threads)
-        else:
-            def open_graph(path: Path) -> Any:
-                return self._open_cpu({"path": str(path.relative_to(self.art_dir))},
-                                      cache=False)
+        def open_graph(path: Path) -> Any:  # the runner holds its segments: one LRU slot
+            return open_one({"path": str(path.relative_to(self.art_dir))}, cache=False)
+
         runner = SegmentedRunner(self.art_dir, graph, seq_len, open_graph)
         self._interpreters[key] = runner
         self._runners[seq_len] = runner  # type: ignore[assignment]

@@ -80,18 +80,14 @@ def calibration_set(art_dir: Path, buckets: Sequence[int], per_bucket: int,
 
 def write_calibration(art_dir: Path, out_dir: Path, per_bucket: int) -> dict[int, Path]:
     """``make calibration``: one ``calibration_<T>.npz`` per bucket (embeddings, mask, pool)."""
-    import io as _io
-
-    from gemma_edge.manifest import atomic_write_bytes, load_manifest
+    from gemma_edge.manifest import atomic_write_npz, load_manifest
 
     buckets = load_manifest(art_dir)["buckets"]
     written = {}
     for seq_len, samples in calibration_set(art_dir, buckets, per_bucket).items():
         arrays = {key: np.concatenate([s[key] for s in samples]) for key in samples[0]}
-        buffer = _io.BytesIO()
-        np.savez_compressed(buffer, **arrays)
         path = Path(out_dir) / f"calibration_{seq_len}.npz"
-        atomic_write_bytes(path, buffer.getvalue())
+        atomic_write_npz(path, arrays, compressed=True)
         written[seq_len] = path
         print(f"{path}: {len(samples)} samples "
               + ", ".join(f"{k} {tuple(v.shape)}" for k, v in arrays.items()))

@@ -1,7 +1,8 @@
-"""``gemma-edge coral-graph``: build the Coral-shaped fully int8 encoder for one bucket.
+"""``gemma-edge coral-graph``: the single-graph Coral-shaped fully int8 encoder, one bucket.
 
-Experimental until its int8 fidelity is fixed (docs/quantization.md); it exists so
-that the Edge TPU census in docs/edgetpu.md can be re-run:
+Not what the export ships (that is per-layer segments, export/segments.py: as one
+int8 graph the encoder does not keep its quality, docs/quantization.md); it exists
+so that the comparison census in docs/edgetpu.md can be re-run:
 ``gemma-edge coral-graph --checkpoint DIR --seq-len 256 --out build/coral_256.tflite
 --placeholder-ranges`` then ``gemma-edge check build/coral_256.tflite``.
 Imports nothing heavy at module level (the CLI parser is built on boards too).
@@ -36,7 +37,8 @@ def run(args: argparse.Namespace) -> int:
 
 def register(sub: Any) -> None:
     p = sub.add_parser("coral-graph",
-                       help="experimental: Coral-shaped fully int8 encoder for one bucket")
+                       help="single-graph Coral-shaped int8 encoder for one bucket "
+                            "(comparison census; the export ships per-layer segments)")
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--out", type=Path, required=True)

@@ -260,19 +260,21 @@ class BucketEncoder(nn.Module):
         self.needs_band = any(self.is_sliding) and spec.window_radius < seq_len
         self.embed_scale = spec.embed_scale
 
-    def forward(self, embeddings: torch.Tensor, mask: torch.Tensor,
-                pool: torch.Tensor) -> torch.Tensor:
-        core = self.core
-        x = embeddings[0] * self.embed_scale
+    def layer_inputs(self, mask: torch.Tensor) -> list[tuple[RopeTables, torch.Tensor]]:
+        """(RoPE tables, additive attention bias) of every layer for a ``mask [1, T, T]``."""
         bias_full = (mask[0] - 1.0) * self.mask_penalty
         bias_local = bias_full + self.band if self.needs_band else bias_full
         local = RopeTables(*(getattr(self, f"{f}_local") for f in RopeTables._fields))
         glob = RopeTables(*(getattr(self, f"{f}_global") for f in RopeTables._fields))
-        for layer, sliding in zip(core.layers, self.is_sliding):
-            if sliding:
-                x = layer(x, local, bias_local)
-            else:
-                x = layer(x, glob, bias_full)
+        return [(local, bias_local) if sliding else (glob, bias_full)
+                for sliding in self.is_sliding]
+
+    def forward(self, embeddings: torch.Tensor, mask: torch.Tensor,
+                pool: torch.Tensor) -> torch.Tensor:
+        core = self.core
+        x = embeddings[0] * self.embed_scale
+        for layer, (rope, bias) in zip(core.layers, self.layer_inputs(mask)):
+            x = layer(x, rope, bias)
         x = core.final_norm(x)
         pooled = pool[0] @ x
         if core.dense_has_bias:

@@ -57,7 +57,7 @@ class ExportOptions:
     evaluate: bool = True
     # The fully int8 Edge TPU segments (export/segments.py): 48 graphs per bucket, so
     # only two buckets by default (queries fit 64 tokens, documents are cut to 256):
-    # ~10 minutes of the export on the real model.
+    # ~15 minutes of the export on the real model.
     edgetpu: bool = True
     edgetpu_buckets: Sequence[int] = (64, 256)
     edgetpu_calibration: int = 32  # corpus samples per bucket for the segments' ranges
@@ -243,9 +243,16 @@ def _quick_evaluation(stage: Path, checkpoint_dir: Path) -> dict[str, Any]:
 
 
 def _finalise(stage: Path, manifest: dict[str, Any]) -> None:
+    """List and hash the stage's files, then write manifest.json.
+
+    Called after every graph set (verification reads the manifest), so only files
+    not yet listed are hashed: the export writes each file once, under a new name.
+    """
     names = sorted(p.relative_to(stage).as_posix() for p in stage.rglob("*")
                    if p.is_file() and p.name != MANIFEST_NAME)
-    manifest["files"] = describe_files(stage, names)
+    known = manifest.get("files", {})
+    fresh = describe_files(stage, [n for n in names if n not in known])
+    manifest["files"] = {n: known[n] if n in known else fresh[n] for n in names}
     atomic_write_json(stage / MANIFEST_NAME, manifest)
 
 

@@ -27,6 +27,7 @@ from .segments import (
     host_forward,
     layer_segments,
     measure_scales,
+    sample_tensors,
     torch_runner,
 )
 
@@ -43,10 +44,11 @@ def check_float(core: EncoderCore, scales: Sequence[LayerScales],
     from .encoder import BucketEncoder
 
     worst = 1.0
+    run = torch_runner(segments)
     for sample in samples:
-        args = [torch.from_numpy(sample[k]) for k in ("embeddings", "mask", "pool")]
+        args = sample_tensors(sample)
         reference = BucketEncoder(core, args[0].shape[1]).eval()(*args)[0]
-        ours = host_forward(core, scales, torch_runner(segments), *args)[0]
+        ours = host_forward(core, scales, run, *args)[0]
         live = args[2][0].sum(-1) > 0
         cos = nn.functional.cosine_similarity(reference[live], ours[live], dim=-1)
         worst = min(worst, float(cos.min()))
@@ -121,14 +123,14 @@ def segment_sensitivity(core: EncoderCore, art_dir: Path, graph: dict,
     runner = SegmentedRunner(art_dir, graph, seq_len,
                              lambda path: Interpreter(model_path=str(path), num_threads=2))
     scales = scales_from_host(runner.host)
-    segments = layer_segments(core, seq_len, scales)
+    float_run = torch_runner(layer_segments(core, seq_len, scales))
     errors: dict[str, list[float]] = {}
     for sample in samples:
         live = torch.from_numpy(sample["pool"][0]).sum(0) > 0
 
         def run(i: int, kind: str, x: torch.Tensor, mask: Optional[torch.Tensor],
                 live: torch.Tensor = live, sample: dict = sample) -> torch.Tensor:
-            ref = torch_runner(segments)(i, kind, x, mask)
+            ref = float_run(i, kind, x, mask)
             seg = runner.segments[2 * i + (kind == "mlp")]
             got = torch.from_numpy(seg(x.numpy(), sample["mask"] if kind == "attn" else None)
                                    .reshape(ref.shape))
@@ -138,21 +140,17 @@ def segment_sensitivity(core: EncoderCore, art_dir: Path, graph: dict,
                 10.0 * math.log10(float(r.pow(2).sum()) / noise))
             return ref
 
-        host_forward(core, scales, run, *(torch.from_numpy(sample[k])
-                                          for k in ("embeddings", "mask", "pool")))
+        host_forward(core, scales, run, *sample_tensors(sample))
     return {key: {"mean_snr_db": float(np.mean(v)), "min_snr_db": float(np.min(v)),
                   "tensors": len(v)} for key, v in sorted(errors.items())}
 
 
 class _Seg(nn.Module):
-    """Named I/O for the converter: inputs ``a``/``mask`` or ``b``, output ``out``."""
+    """Named I/O for the converter (subclasses name the inputs), output ``out``."""
 
     def __init__(self, inner: nn.Module):
         super().__init__()
         self.inner = inner
-
-    def forward(self, *args: torch.Tensor) -> dict[str, torch.Tensor]:
-        return {"out": self.inner(*args)}
 
 
 class _AttnSeg(_Seg):
@@ -197,6 +195,28 @@ def quantize_segment(kind: str, pair: tuple[AttentionSegment, MlpSegment], seq_l
 
 
 @torch.no_grad()
+def record_segment_inputs(core: EncoderCore, scales: Sequence[LayerScales],
+                          segments: Sequence[tuple[AttentionSegment, MlpSegment]],
+                          samples: Sequence[dict[str, np.ndarray]]
+                          ) -> dict[tuple[int, str], list[dict[str, np.ndarray]]]:
+    """Each segment's inputs ({(layer, kind): [feeds]}) as the float host loop makes them.
+
+    These are the segments' calibration data: the host computes them in float on the
+    device too, so every segment is calibrated on exactly what it will see.
+    """
+    float_run = torch_runner(segments)
+    inputs: dict[tuple[int, str], list[dict[str, np.ndarray]]] = {}
+    for sample in samples:
+        def run(i: int, kind: str, x: torch.Tensor, mask: Optional[torch.Tensor],
+                sample: dict[str, np.ndarray] = sample) -> torch.Tensor:
+            inputs.setdefault((i, kind), []).append(
+                {"a": x.numpy(), "mask": sample["mask"]} if kind == "attn" else {"b": x.numpy()})
+            return float_run(i, kind, x, mask)
+        host_forward(core, scales, run, *sample_tensors(sample))
+    return inputs
+
+
+@torch.no_grad()
 def build_segmented(core: EncoderCore, out_dir: Path, buckets: Sequence[int],
                     calibration: dict[int, list[dict[str, np.ndarray]]],
                     smoothing: Smoothing = DEFAULT_SMOOTHING,
@@ -209,7 +229,7 @@ def build_segmented(core: EncoderCore, out_dir: Path, buckets: Sequence[int],
     the host computes them in float (min/max, ai-edge-quantizer static_wi8_ai8),
     so calibration memory is one layer's tensors, whatever the bucket.
     """
-    from gemma_edge.manifest import atomic_write_bytes
+    from gemma_edge.manifest import atomic_write_bytes, atomic_write_npz
 
     from .quantize import check_fully_int8
 
@@ -219,10 +239,7 @@ def build_segmented(core: EncoderCore, out_dir: Path, buckets: Sequence[int],
     if progress:
         progress("segments: measuring per-channel scales")
     scales = measure_scales(core, stats_samples, smoothing)
-    consts = host_constants(core, scales)
-    buffer = io.BytesIO()
-    np.savez(buffer, **consts)
-    atomic_write_bytes(out_dir / HOST_FILE, buffer.getvalue())
+    atomic_write_npz(out_dir / HOST_FILE, host_constants(core, scales))
     hidden = core.spec.hidden_size
     entries = []
     for seq_len in buckets:
@@ -230,17 +247,7 @@ def build_segmented(core: EncoderCore, out_dir: Path, buckets: Sequence[int],
         worst = check_float(core, scales, segments, calibration[seq_len][:2])
         if progress:
             progress(f"segments: bucket {seq_len} equal in float (cos {worst:.7f})")
-        inputs: dict[tuple[int, str], list[dict[str, np.ndarray]]] = {}
-        for sample in calibration[seq_len]:
-            def run(i: int, kind: str, x: torch.Tensor, mask: Optional[torch.Tensor],
-                    sample: dict[str, np.ndarray] = sample, inputs: dict = inputs,
-                    segments: list = segments) -> torch.Tensor:
-                feed = ({"a": x.numpy(), "mask": sample["mask"]} if kind == "attn"
-                        else {"b": x.numpy()})
-                inputs.setdefault((i, kind), []).append(feed)
-                return torch_runner(segments)(i, kind, x, mask)
-            host_forward(core, scales, run, *(torch.from_numpy(sample[k])
-                                              for k in ("embeddings", "mask", "pool")))
+        inputs = record_segment_inputs(core, scales, segments, calibration[seq_len])
         files = []
         census: dict[str, int] = {}
         for i, pair in enumerate(segments):

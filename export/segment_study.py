@@ -56,7 +56,7 @@ def _study(checkpoint: str, art_dir: Path, seq_len: int, smoothing: Any,
     from .calibration import calibration_set
     from .checkpoint import load_checkpoint
     from .encoder import BucketEncoder, build_encoder
-    from .segment_build import quantize_segment
+    from .segment_build import quantize_segment, record_segment_inputs
 
     core, _ = build_encoder(load_checkpoint(checkpoint))
     cal = calibration_set(art_dir, [seq_len], calibration)[seq_len]
@@ -64,13 +64,7 @@ def _study(checkpoint: str, art_dir: Path, seq_len: int, smoothing: Any,
     scales = seg.measure_scales(core, cal, smoothing)
     segments = seg.layer_segments(core, seq_len, scales)
     float_run = seg.torch_runner(segments)
-    inputs: dict[tuple[int, str], list[dict[str, np.ndarray]]] = {}
-    for sample in cal:
-        def record(i: int, kind: str, x: Any, mask: Optional[Any], sample: dict = sample) -> Any:
-            inputs.setdefault((i, kind), []).append(
-                {"a": x.numpy(), "mask": sample["mask"]} if kind == "attn" else {"b": x.numpy()})
-            return float_run(i, kind, x, mask)
-        seg.host_forward(core, scales, record, *_args(sample))
+    inputs = record_segment_inputs(core, scales, segments, cal)
     hidden = core.spec.hidden_size
     int8: dict[tuple[int, str], Any] = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -91,19 +85,13 @@ def _study(checkpoint: str, art_dir: Path, seq_len: int, smoothing: Any,
         reference = BucketEncoder(core, seq_len).eval()
         cos = []
         for sample in evals:
-            a = reference(*_args(sample))[0, 0]
-            b = seg.host_forward(core, scales, run, *_args(sample))[0, 0]
+            a = reference(*seg.sample_tensors(sample))[0, 0]
+            b = seg.host_forward(core, scales, run, *seg.sample_tensors(sample))[0, 0]
             cos.append(float(torch.nn.functional.cosine_similarity(a, b, 0)))
     values = np.array(cos)
     return {"seq_len": seq_len, "smoothing": smoothing.to_json(), "calibration": calibration,
             "texts": len(values), "kinds": list(kinds), "cosine_mean": float(values.mean()),
             "cosine_min": float(values.min()), "cosine_p1": float(np.percentile(values, 1))}
-
-
-def _args(sample: dict[str, np.ndarray]) -> list[Any]:
-    import torch
-
-    return [torch.from_numpy(sample[k]) for k in ("embeddings", "mask", "pool")]
 
 
 def _run(args: Any) -> int:

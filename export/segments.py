@@ -37,7 +37,6 @@ host-side per-channel vectors (checked equal in float by ``check_float``):
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
 
@@ -45,8 +44,10 @@ import numpy as np
 import torch
 from torch import nn
 
+from gemma_edge.errors import QuantizationError
+
 from .coral_encoder import DEFAULT_MAX_PRODUCT, GELU_C1, GELU_C2, CoralLayer, _apply, _conv
-from .encoder import EncoderCore, EncoderLayer, band_bias, rope_for_heads, rope_tables
+from .encoder import BucketEncoder, EncoderCore, EncoderLayer, band_bias, rope_tables
 
 
 @dataclass
@@ -288,39 +289,45 @@ def measure_scales(core: EncoderCore, samples: Sequence[dict[str, np.ndarray]],
         stats[key] = torch.maximum(stats[key], t) if key in stats else t
 
     ident = [LayerScales.identity(c, d, inter, spec.num_heads) for _ in range(n)]
-    for sample in samples:
-        seq = sample["embeddings"].shape[1]
-        live = torch.from_numpy(sample["pool"][0]).sum(0) > 0  # tokens that belong to a text
+    live_now: list[torch.Tensor] = []  # tokens of the current sample that belong to a text
+    hq = spec.num_heads * spec.head_dim
 
-        def rec(i: int, name: str, t: torch.Tensor, live: torch.Tensor = live) -> None:
-            keep(i, name, t[live])
+    def keep_qkv(i: int, qkv: torch.Tensor) -> None:  # raw q, k, v as the projection gives them
+        live = live_now[0]
+        keep(i, "q", qkv[:, :hq][live])
+        keep(i, "k", qkv[:, hq:hq + spec.head_dim][live])
+        keep(i, "v", qkv[:, hq + spec.head_dim:][live])
 
-        def run(i: int, kind: str, x: torch.Tensor, mask: Optional[torch.Tensor],
-                live: torch.Tensor = live, seq: int = seq) -> torch.Tensor:
-            layer = core.layers[i]
-            h = x.reshape(seq, -1)
-            if kind == "attn":
-                sliding = spec.layer_types[i] == "sliding_attention"
-                theta = spec.rope_theta_local if sliding else spec.rope_theta_global
-                rope = rope_for_heads(seq, spec.head_dim, theta, spec.num_heads)
-                bias = (mask[0] - 1.0) * 1e4
-                if sliding:
-                    bias = bias + band_bias(seq, spec.window_radius, 1e4)
-                gained = h * layer.input_norm.gain
-                qkv = layer.qkv_proj(gained)
-                hq = spec.num_heads * spec.head_dim
-                keep(i, "q", qkv[:, :hq][live])
-                keep(i, "k", qkv[:, hq:hq + spec.head_dim][live])
-                keep(i, "v", qkv[:, hq + spec.head_dim:][live])
-                return layer.attention(gained, rope, bias)
-            gate_up = layer.gate_up_proj(h * layer.pre_ff_norm.gain)
-            g, u = gate_up[:, :layer.intermediate], gate_up[:, layer.intermediate:]
-            act = nn.functional.gelu(g, approximate="tanh") * u
-            keep(i, "act", act[live])
-            return layer.down_proj(act)
+    hooks = [layer.qkv_proj.register_forward_hook(
+        lambda _m, _inp, out, i=i: keep_qkv(i, out)) for i, layer in enumerate(core.layers)]
+    encoders: dict[int, BucketEncoder] = {}
+    try:
+        for sample in samples:
+            seq = sample["embeddings"].shape[1]
+            live_now[:] = [torch.from_numpy(sample["pool"][0]).sum(0) > 0]
+            per_layer = encoders.setdefault(seq, BucketEncoder(core, seq)).layer_inputs(
+                torch.from_numpy(sample["mask"]))
 
-        host_forward(core, ident, run, *(torch.from_numpy(sample[k])
-                                         for k in ("embeddings", "mask", "pool")), record=rec)
+            def rec(i: int, name: str, t: torch.Tensor) -> None:
+                keep(i, name, t[live_now[0]])
+
+            def run(i: int, kind: str, x: torch.Tensor, mask: Optional[torch.Tensor],
+                    seq: int = seq, per_layer: list = per_layer) -> torch.Tensor:
+                layer = core.layers[i]
+                h = x.reshape(seq, -1)
+                if kind == "attn":
+                    rope, bias = per_layer[i]
+                    return layer.attention(h * layer.input_norm.gain, rope, bias)
+                gate_up = layer.gate_up_proj(h * layer.pre_ff_norm.gain)
+                g, u = gate_up[:, :layer.intermediate], gate_up[:, layer.intermediate:]
+                act = nn.functional.gelu(g, approximate="tanh") * u
+                keep(i, "act", act[live_now[0]])
+                return layer.down_proj(act)
+
+            host_forward(core, ident, run, *sample_tensors(sample), record=rec)
+    finally:
+        for hook in hooks:
+            hook.remove()
     out = []
     for i, layer in enumerate(core.layers):
         hd = spec.head_dim
@@ -339,5 +346,12 @@ def measure_scales(core: EncoderCore, samples: Sequence[dict[str, np.ndarray]],
         q_abs, k_abs = stats[(i, "q")].clamp(min=1e-6), stats[(i, "k")].clamp(min=1e-6)
         out.append(LayerScales(*(t.numpy().astype(np.float32) for t in
                                  (attn_in, v, attn_out, ff_in, act, ff_out, q_abs, k_abs))))
-    assert math.isfinite(float(sum(float(s.attn_in.sum()) for s in out)))
+    if not all(np.isfinite(v).all() for s in out for v in vars(s).values()):
+        raise QuantizationError("per-channel scales are not finite: the float encoder "
+                                "produced inf/NaN on the calibration inputs")
     return out
+
+
+def sample_tensors(sample: dict[str, np.ndarray]) -> list[torch.Tensor]:
+    """A graph-input dict as the (embeddings, mask, pool) tensors the encoders take."""
+    return [torch.from_numpy(sample[k]) for k in ("embeddings", "mask", "pool")]

@@ -41,7 +41,7 @@ def _add_export(sub: Any) -> None:
                    help="buckets of the fully int8 Edge TPU segments (default 64,256; "
                         "48 graphs per bucket, see docs/quantization.md)")
     p.add_argument("--no-edgetpu", action="store_true",
-                   help="skip the fully int8 Edge TPU segments (saves ~10 minutes)")
+                   help="skip the fully int8 Edge TPU segments (~15 minutes of the real export)")
     p.add_argument("--no-eval", action="store_true",
                    help="skip the quick held-out evaluation recorded in the manifest")
     p.set_defaults(func=_run_export)

@@ -63,6 +63,17 @@ def atomic_write_npy(path: Path, array: Any) -> None:
     atomic_write_bytes(path, buffer.getvalue())
 
 
+def atomic_write_npz(path: Path, arrays: dict[str, Any], compressed: bool = False) -> None:
+    """``np.savez[_compressed]`` through ``atomic_write_bytes``."""
+    import io
+
+    import numpy as np
+
+    buffer = io.BytesIO()
+    (np.savez_compressed if compressed else np.savez)(buffer, **arrays)
+    atomic_write_bytes(path, buffer.getvalue())
+
+
 def atomic_write_json(path: Path, obj: Any) -> None:
     atomic_write_bytes(path, (json.dumps(obj, indent=2, ensure_ascii=False) + "\n").encode())
 

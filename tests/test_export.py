@@ -186,3 +186,13 @@ def test_quick_evaluation_in_manifest(tiny_artifacts):
     assert set(ev["float"]) == {"256", "128"} and set(ev["int8"]) == {"256", "128"}
     assert ev["float"]["256"]["cosine_min"] > 0.9999
     assert abs(ev["float"]["256"]["mrr"] - ev["float"]["256"]["reference_mrr"]) < 1e-3
+
+
+@pytest.mark.parametrize("kwargs,flag", [({"buckets": (4, 32)}, "--seq-len"),
+                                         ({"edgetpu_buckets": (64, 4)}, "--edgetpu-seq-len"),
+                                         ({"edgetpu_buckets": ()}, "--edgetpu-seq-len")])
+def test_export_options_reject_bad_buckets(kwargs, flag):
+    from gemma_edge.export.pipeline import ExportOptions
+
+    with pytest.raises(InputError, match=flag):
+        ExportOptions(**kwargs).validate()

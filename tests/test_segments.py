@@ -119,3 +119,26 @@ def test_segment_study_measures_one_recipe(tiny_checkpoint, tiny_artifacts):
     assert exact["texts"] == 4 and exact["cosine_min"] > 0.99999  # nothing quantised
     mlp = study(str(tiny_checkpoint), tiny_artifacts, BUCKET, Smoothing(), 4, 4, ["mlp"])
     assert 0.5 < mlp["cosine_min"] <= mlp["cosine_mean"] < 0.99999
+
+
+def test_segmented_runner_explains_broken_artifacts(tiny_artifacts, tmp_path):
+    import shutil
+
+    from gemma_edge.device.segmented import SegmentedRunner
+    from gemma_edge.errors import ArtifactError
+    from gemma_edge.manifest import find_graph, load_manifest
+
+    graph = find_graph(load_manifest(tiny_artifacts), "edgetpu", BUCKET)
+
+    def never_opened(path):
+        raise AssertionError(f"{path} opened despite the broken artifacts")
+
+    short = dict(graph, segments=graph["segments"][:-1])
+    with pytest.raises(ArtifactError, match="segments for 4 layers"):
+        SegmentedRunner(tiny_artifacts, short, BUCKET, never_opened)
+    (tmp_path / "edgetpu").mkdir()
+    (tmp_path / graph["path"]).write_bytes(b"not an npz")
+    for name in graph["segments"]:
+        shutil.copy(tiny_artifacts / name, tmp_path / name)
+    with pytest.raises(ArtifactError, match="host.npz: cannot read the segment constants"):
+        SegmentedRunner(tmp_path, graph, BUCKET, never_opened)
