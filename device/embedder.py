@@ -27,7 +27,7 @@ from .tokenizer import TextTokenizer
 log = logging.getLogger("gemma_edge.device")
 
 BACKENDS = ("auto", "cpu", "edgetpu")
-PRECISIONS = ("float", "int8", "full-int8")
+PRECISIONS = ("auto", "float", "int8", "full-int8")
 # precision -> graph role on the CPU interpreter
 CPU_ROLE = {"float": "float", "int8": "int8", "full-int8": "edgetpu"}
 Texts = Union[str, Sequence[str]]
@@ -40,7 +40,8 @@ class Embedder:
     Coral device) or "auto" (Edge TPU if present and compiled for, else CPU).
     precision: "float" (exact float32 export), "int8" (the fastest int8 graph for
     the backend) or "full-int8" (the fully int8 Edge TPU graph; on the CPU this
-    emulates what the Edge TPU computes).
+    emulates what the Edge TPU computes). "auto" (the default) is "int8" when the
+    artifacts have int8 graphs (cosine ~0.998 to float, 2-4x faster), else "float".
     pack_tokens: short texts in one call are packed together into buckets of up
     to this many tokens (block-diagonal attention); 0 disables packing.
     max_open_graphs: keep at most this many per-bucket graph files open (least
@@ -51,7 +52,7 @@ class Embedder:
     """
 
     def __init__(self, artifacts: Union[str, Path], backend: str = "auto",
-                 precision: str = "float", num_threads: Optional[int] = None,
+                 precision: str = "auto", num_threads: Optional[int] = None,
                  device: Optional[str] = None, pack_tokens: Optional[int] = None,
                  max_open_graphs: Optional[int] = None, verify_files: bool = False):
         if backend not in BACKENDS:
@@ -60,6 +61,9 @@ class Embedder:
             raise InputError(f"precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
         self.art_dir = Path(artifacts)
         self.manifest = load_manifest(self.art_dir, verify_hashes=verify_files)
+        if precision == "auto":
+            has_int8 = any(graphs_for_role(self.manifest, r) for r in ("int8", "edgetpu-compiled"))
+            precision = "int8" if has_int8 else "float"
         model = self.manifest["model"]
         self.hidden = int(model["hidden_size"])
         self.output_dim = int(model["output_dim"])
@@ -160,8 +164,11 @@ class Embedder:
             interp = (self._open_edgetpu(graph) if self.backend == "edgetpu"
                       else self._open_cpu(graph))
             signature = (graph.get("signatures") or {}).get(str(seq_len))
+            # On the CPU the packed weights live in XNNPACK's buffers; the Edge TPU streams
+            # parameters from the mapped file on every call, so its pages must stay.
+            release = self.art_dir / graph["path"] if self.backend == "cpu" else None
             self._runners[seq_len] = GraphRunner(interp, signature, seq_len, self.hidden,
-                                                 self.slots)
+                                                 self.slots, release_after_first_run=release)
             self._runner_path[seq_len] = graph["path"]
         return self._runners[seq_len]
 

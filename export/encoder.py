@@ -122,7 +122,7 @@ def band_bias(seq_len: int, radius: int, penalty: float) -> torch.Tensor:
 
 
 class RopeTables(NamedTuple):
-    """cos and sign-folded sin for keys [T, D] and for all query heads stacked [T*H, D]."""
+    """cos and sign-folded sin for the key heads [T*KV, D] and the query heads [T*H, D]."""
 
     cos: torch.Tensor
     sin: torch.Tensor
@@ -130,11 +130,13 @@ class RopeTables(NamedTuple):
     sin_q: torch.Tensor
 
 
-def rope_for_heads(seq_len: int, head_dim: int, theta: float, heads: int) -> RopeTables:
+def rope_for_heads(seq_len: int, head_dim: int, theta: float, heads: int,
+                   kv_heads: int = 1) -> RopeTables:
     cos, sin = rope_tables(seq_len, head_dim, theta)
     half = head_dim // 2
     sin = torch.cat([-sin[:, :half], sin[:, half:]], dim=-1)  # rotate_half's sign
-    return RopeTables(cos, sin, cos.repeat_interleave(heads, 0), sin.repeat_interleave(heads, 0))
+    return RopeTables(cos.repeat_interleave(kv_heads, 0), sin.repeat_interleave(kv_heads, 0),
+                      cos.repeat_interleave(heads, 0), sin.repeat_interleave(heads, 0))
 
 
 class RMSNorm(nn.Module):
@@ -191,29 +193,34 @@ class EncoderLayer(nn.Module):
         return x * cos + torch.cat([x[:, half:], x[:, :half]], dim=-1) * sin_signed
 
     def attention(self, h: torch.Tensor, rope: RopeTables, bias: torch.Tensor) -> torch.Tensor:
+        """Grouped-query attention with the heads as a batch dimension.
+
+        Queries ``[H, T, D]`` against keys ``[1, D, T]`` (EmbeddingGemma's single KV
+        head, broadcast over the heads): one BATCH_MATMUL each for QK^T and PV. Why:
+        written as one ``[T*H, D] @ [D, T]`` product (or with a leading batch of 1) the
+        converter lowers QK^T to a FULLY_CONNECTED with non-constant weights, which
+        XNNPACK does not take; the built-in kernel spent ~100 of the int8 graph's 178
+        ms at 256 tokens there (measured, docs/quantization.md). As a batched matmul it
+        stays inside the XNNPACK partition: 91 ms.
+        """
         hd, heads, kv = self.head_dim, self.num_heads, self.num_kv
+        group, seq = heads // kv, h.shape[0]
         qkv = self.qkv_proj(h)
-        seq = h.shape[0]
         q = qkv[:, :heads * hd]
         k = qkv[:, heads * hd:(heads + kv) * hd]
         v = qkv[:, (heads + kv) * hd:]
-        if kv == 1:
-            # All query heads at once against the single KV head: rows t*H + h of one
-            # [T*H, head_dim] matrix, so norms, RoPE, QK^T, softmax and PV are one op each.
-            keys = self._rope(self.k_norm(k), rope.cos, rope.sin).transpose(0, 1)
-            q_all = self._rope(self.q_norm(q.reshape(seq * heads, hd)), rope.cos_q, rope.sin_q)
-            scores = (q_all @ keys).reshape(seq, heads, seq) + bias.unsqueeze(1)
-            probs = torch.softmax(scores, dim=-1).reshape(seq * heads, seq)
-            return self.o_proj((probs @ v).reshape(seq, heads * hd))
-        group = heads // kv
-        outs = []
-        for i in range(heads):  # grouped-query attention: explicit per head
-            g = i // group
-            k_g = self._rope(self.k_norm(k[:, g * hd:(g + 1) * hd]), rope.cos, rope.sin)
-            q_i = self._rope(self.q_norm(q[:, i * hd:(i + 1) * hd]), rope.cos, rope.sin)
-            probs = torch.softmax(q_i @ k_g.transpose(0, 1) + bias, dim=-1)
-            outs.append(probs @ v[:, g * hd:(g + 1) * hd])
-        return self.o_proj(torch.cat(outs, dim=-1))
+        # Norms and RoPE on [T*H, D] / [T*KV, D] rows: one op each for all heads.
+        q = self._rope(self.q_norm(q.reshape(seq * heads, hd)), rope.cos_q, rope.sin_q)
+        k = self._rope(self.k_norm(k.reshape(seq * kv, hd)), rope.cos, rope.sin)
+        q = q.reshape(seq, heads, hd).permute(1, 0, 2)                    # [H, T, D]
+        keys = k.reshape(seq, kv, hd).permute(1, 2, 0)                    # [KV, D, T]
+        values = v.reshape(seq, kv, hd).permute(1, 0, 2)                  # [KV, T, D]
+        if kv > 1:  # one KV head per query head; with a single KV head the batch broadcasts
+            keys = keys.repeat_interleave(group, 0)
+            values = values.repeat_interleave(group, 0)
+        probs = torch.softmax(torch.matmul(q, keys) + bias, dim=-1)       # [H, T, T]
+        out = torch.matmul(probs, values)                                  # [H, T, D]
+        return self.o_proj(out.permute(1, 0, 2).reshape(seq, heads * hd))
 
     def forward(self, x: torch.Tensor, rope: RopeTables, bias: torch.Tensor) -> torch.Tensor:
         x = x + self.post_attn_norm(self.attention(self.input_norm(x), rope, bias))
@@ -252,7 +259,8 @@ class BucketEncoder(nn.Module):
         spec = core.spec
         self.is_sliding = [t == "sliding_attention" for t in spec.layer_types]
         for name, theta in (("global", spec.rope_theta_global), ("local", spec.rope_theta_local)):
-            tables = rope_for_heads(seq_len, spec.head_dim, theta, spec.num_heads)
+            tables = rope_for_heads(seq_len, spec.head_dim, theta, spec.num_heads,
+                                    spec.num_kv_heads)
             for field_name, value in zip(RopeTables._fields, tables):
                 self.register_buffer(f"{field_name}_{name}", value, persistent=False)
         self.register_buffer("band", band_bias(seq_len, spec.window_radius, mask_penalty),

@@ -87,6 +87,8 @@ def host_constants(core: EncoderCore, scales: Sequence[LayerScales]) -> dict[str
         "act_scale": np.stack([s.act for s in scales]),
         "q_scale": np.stack([s.q for s in scales]),
         "k_scale": np.stack([s.k for s in scales]),
+        "act_groups": np.stack([s.act_groups if s.act_groups is not None
+                                else np.zeros(len(s.act), np.int32) for s in scales]),
         "post_attn_gain": np.stack([f32(layer.post_attn_norm.gain) for layer in core.layers]),
         "post_ff_gain": np.stack([f32(layer.post_ff_norm.gain) for layer in core.layers]),
         "dense_count": np.int32(len(core.dense)),
@@ -103,7 +105,8 @@ def scales_from_host(host: dict[str, np.ndarray]) -> list[LayerScales]:
     """The LayerScales an export used, read back from its host.npz."""
     return [LayerScales(host["attn_in"][i], host["v_scale"][i], host["attn_out"][i],
                         host["ff_in"][i], host["act_scale"][i], host["ff_out"][i],
-                        host["q_scale"][i], host["k_scale"][i])
+                        host["q_scale"][i], host["k_scale"][i],
+                        host["act_groups"][i] if "act_groups" in host else None)
             for i in range(len(host["attn_in"]))]
 
 

@@ -104,7 +104,11 @@ def _run(args: Any) -> int:
                          "(attention input, V, MLP input, GELU product)")
     from .segments import Smoothing
 
-    result = study(args.checkpoint, args.artifacts, args.seq_len, Smoothing(*alphas),
+    if args.mlp_groups < 1:
+        from gemma_edge.errors import InputError
+        raise InputError(f"--mlp-groups {args.mlp_groups}: at least 1")
+    result = study(args.checkpoint, args.artifacts, args.seq_len,
+                   Smoothing(*alphas, mlp_groups=args.mlp_groups),
                    args.calibration, args.texts, args.kinds.split(","))
     print(json.dumps(result, indent=2))
     return 0
@@ -118,6 +122,8 @@ def register(sub: Any) -> None:
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--smoothing", default="0.75,0.75,0.6,0.6",
                    help="SmoothQuant alphas: attention input, V, MLP input, GELU product")
+    p.add_argument("--mlp-groups", type=int, default=1,
+                   help="channel groups of the MLP's GELU product (1: one int8 scale)")
     p.add_argument("--calibration", type=int, default=32, help="corpus samples")
     p.add_argument("--texts", type=int, default=24, help="held-out texts to compare")
     p.add_argument("--kinds", default="attn,mlp", help="segments quantised (others stay float)")

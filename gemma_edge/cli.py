@@ -89,7 +89,8 @@ def _add_embed(sub: Any) -> None:
 
 def _add_runtime_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backend", choices=("auto", "cpu", "edgetpu"), default="auto")
-    p.add_argument("--precision", choices=("float", "int8", "full-int8"), default="float")
+    p.add_argument("--precision", choices=("auto", "float", "int8", "full-int8"), default="auto",
+                   help="auto (default): int8 when the artifacts have it, else float")
     p.add_argument("--threads", type=int, default=None, help="CPU interpreter threads")
     p.add_argument("--device", default=None, help="Edge TPU device: ':0', 'usb', 'pci'")
 

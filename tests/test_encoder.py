@@ -87,16 +87,18 @@ def test_dense_bias_uses_true_mean(tmp_path):
     assert float(_run(core, table, [ids], 16)[0] @ ref) >= 0.99999
 
 
-def test_multi_kv_head_path(tmp_path):
-    """The grouped-query path (more than one KV head) is exact too."""
+@pytest.mark.parametrize("heads,kv_heads", [(3, 3), (4, 2)])
+def test_multi_kv_head_path(tmp_path, heads, kv_heads):
+    """The grouped-query path (more than one KV head, groups of 1 and 2) is exact too."""
     from sentence_transformers import SentenceTransformer
 
     from gemma_edge.export.tiny import build_tiny_checkpoint
 
-    path = build_tiny_checkpoint(tmp_path / "mha", num_kv_heads=3, num_layers=3, seed=5)
+    path = build_tiny_checkpoint(tmp_path / "mha", num_heads=heads, num_kv_heads=kv_heads,
+                                 num_layers=3, seed=5)
     ck = load_checkpoint(path)
     core, table = build_encoder(ck)
-    assert core.spec.num_kv_heads == 3
+    assert (core.spec.num_heads, core.spec.num_kv_heads) == (heads, kv_heads)
     st = SentenceTransformer(str(path), device="cpu")
     text = "grouped query attention with several heads " * 2
     ids = st.tokenizer(text)["input_ids"]

@@ -122,6 +122,46 @@ def test_int8_cpu_graphs(tiny_artifacts, embedder):
     assert (cos > 0.97).all() and (cos < 0.999999).all()  # quantised, but close
 
 
+def test_every_matmul_runs_in_xnnpack(tiny_artifacts):
+    """No FULLY_CONNECTED with run-time weights: XNNPACK leaves those to a slow kernel
+    (QK^T written as one 2-D product cost ~100 of 178 ms at 256 tokens)."""
+    from gemma_edge.compile.tflite_reader import read_model
+
+    m = load_manifest(tiny_artifacts)
+    paths = {g["path"] for g in m["graphs"] if g["role"] in ("float", "int8")}
+    for path in paths:
+        graph = read_model(tiny_artifacts / path).graphs[0]
+        fcs = [op for op in graph.operators if op.op == "FULLY_CONNECTED"]
+        assert fcs and all(graph.op_inputs(op)[1].constant for op in fcs), path
+        assert sum(op.op == "BATCH_MATMUL" for op in graph.operators) >= 2 * 4  # QK^T, PV per layer
+
+
+def test_default_precision_is_int8_when_exported(tiny_artifacts, tmp_path, caplog):
+    with caplog.at_level(logging.INFO, logger="gemma_edge.device"):
+        emb = Embedder(tiny_artifacts, backend="cpu")
+    assert (emb.precision, emb.graph_role) == ("int8", "int8")
+    assert "int8 graph" in caplog.text
+    art = tmp_path / "float-only"
+    shutil.copytree(tiny_artifacts, art)
+    manifest = json.loads((art / "manifest.json").read_text())
+    manifest["graphs"] = [g for g in manifest["graphs"] if g["role"] == "float"]
+    (art / "manifest.json").write_text(json.dumps(manifest))
+    assert Embedder(art, backend="cpu").precision == "float"
+
+
+def test_cpu_runner_releases_graph_file_pages(tiny_artifacts, monkeypatch):
+    """After XNNPACK has packed the weights, the mapped file's pages are released once."""
+    from gemma_edge.device import runtime
+
+    released = []
+    monkeypatch.setattr(runtime, "release_file_pages", lambda path: released.append(path))
+    emb = Embedder(tiny_artifacts, backend="cpu", precision="int8", pack_tokens=0)
+    first = emb.encode_query(["hello"])
+    emb.encode_query(["hello"])
+    assert [p.name for p in released] == ["encoder_int8_16.tflite"]
+    np.testing.assert_allclose(first, emb.encode_query(["hello"]), atol=1e-6)
+
+
 def test_auto_falls_back_to_cpu(tiny_artifacts, caplog):
     with caplog.at_level(logging.INFO, logger="gemma_edge.device"):
         emb = Embedder(tiny_artifacts, backend="auto", precision="float")

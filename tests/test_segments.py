@@ -41,6 +41,20 @@ def test_segmented_rewrite_is_exact_in_float(tiny_core, calibration):
     assert not np.allclose(scales[0].attn_in, 1.0) and not np.allclose(scales[0].act, 1.0)
     segments = seg.layer_segments(tiny_core, BUCKET, scales)
     assert check_float(tiny_core, scales, segments, samples) >= FLOAT_EQUALITY
+    # the MLP split into channel groups (equal sizes, ranked by range) is exact too
+    grouped = seg.measure_scales(tiny_core, samples, seg.Smoothing(mlp_groups=4))
+    assert sorted(np.bincount(grouped[0].act_groups)) == [36] * 4
+    segments = seg.layer_segments(tiny_core, BUCKET, grouped)
+    assert len(segments[0][1].down) == 4
+    assert check_float(tiny_core, grouped, segments, samples) >= FLOAT_EQUALITY
+
+
+def test_channel_groups_rank_by_range():
+    from gemma_edge.export.segments import channel_groups
+
+    groups = channel_groups(np.array([5.0, 0.1, 3.0, 0.2, 9.0, 1.0]), 3)
+    assert groups.tolist() == [2, 0, 1, 0, 2, 1]
+    assert channel_groups(np.ones(2), 4).tolist() == [0, 1]  # never more groups than channels
 
 
 def test_float_check_catches_a_wrong_rewrite(tiny_core, calibration):
@@ -51,7 +65,7 @@ def test_float_check_catches_a_wrong_rewrite(tiny_core, calibration):
     scales = seg.measure_scales(tiny_core, calibration[BUCKET][:2])
     segments = seg.layer_segments(tiny_core, BUCKET, scales)
     with torch.no_grad():
-        segments[0][1].up.weight.add_(0.5)  # (a uniform scale would be exact: post-norm)
+        segments[0][1].up[0].weight.add_(0.5)  # (a uniform scale would be exact: post-norm)
     with pytest.raises(QuantizationError):
         check_float(tiny_core, scales, segments, calibration[BUCKET])
 
