@@ -20,7 +20,7 @@ from gemma_edge.errors import ArtifactError, EdgeTpuUnavailableError, InputError
 from gemma_edge.manifest import artifact_id, find_graph, graphs_for_role, load_manifest
 
 from .packing import bucket_inputs, pack_greedy
-from .runtime import GraphRunner, interpreter_api
+from .runtime import GraphRunner, default_threads, interpreter_api
 from .table import EmbeddingTable
 from .tokenizer import TextTokenizer
 
@@ -42,6 +42,7 @@ class Embedder:
     the backend) or "full-int8" (the fully int8 Edge TPU graph; on the CPU this
     emulates what the Edge TPU computes). "auto" (the default) is "int8" when the
     artifacts have int8 graphs (cosine ~0.998 to float, 2-4x faster), else "float".
+    num_threads: CPU interpreter threads; default: the usable cores, at most 4.
     pack_tokens: short texts in one call are packed together into buckets of up
     to this many tokens (block-diagonal attention); 0 disables packing.
     max_open_graphs: keep at most this many per-bucket graph files open (least
@@ -70,7 +71,7 @@ class Embedder:
         self.mrl_dims = [int(d) for d in model["mrl_dims"]]
         self.prompts: dict[str, str] = dict(self.manifest.get("prompts", {}))
         self.precision = precision
-        self.num_threads = num_threads
+        self.num_threads = num_threads if num_threads else default_threads()
         self.device = device
         self.max_open_graphs = max_open_graphs
         self.tokenizer = TextTokenizer(self.art_dir, self.manifest["tokenizer"])

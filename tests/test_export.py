@@ -140,6 +140,7 @@ def test_default_precision_is_int8_when_exported(tiny_artifacts, tmp_path, caplo
     with caplog.at_level(logging.INFO, logger="gemma_edge.device"):
         emb = Embedder(tiny_artifacts, backend="cpu")
     assert (emb.precision, emb.graph_role) == ("int8", "int8")
+    assert emb.num_threads >= 1  # not the runtime's single-thread default
     assert "int8 graph" in caplog.text
     art = tmp_path / "float-only"
     shutil.copytree(tiny_artifacts, art)

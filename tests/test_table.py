@@ -1,4 +1,4 @@
-"""The host-side token table and the release of mapped file pages (device side, no runtime)."""
+"""Device-side helpers: the token table, releasing mapped file pages, default threads."""
 
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ import sys
 import numpy as np
 import pytest
 
-from gemma_edge.device.runtime import release_file_pages
+from gemma_edge.device import runtime
+from gemma_edge.device.runtime import default_threads, release_file_pages
 from gemma_edge.device.table import EmbeddingTable, quantize_rows_int8
 from gemma_edge.errors import ArtifactError
 
@@ -68,3 +69,10 @@ def test_release_file_pages_drops_resident_pages(tmp_path):
     assert release_file_pages(tmp_path / "not-mapped.bin") == 0
     del data
     mapped.close()
+
+
+@pytest.mark.parametrize("cores,expected", [(1, 1), (2, 2), (8, 4)])
+def test_default_threads_uses_the_cores_up_to_four(monkeypatch, cores, expected):
+    monkeypatch.setattr(runtime.os, "sched_getaffinity", lambda pid: set(range(cores)),
+                        raising=False)
+    assert default_threads() == expected
