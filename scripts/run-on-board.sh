@@ -17,7 +17,7 @@ Options:
   --backend B      auto (default: edgetpu when a Coral device is visible) |
                    edgetpu | cpu
   --precision P    precision on the Edge TPU: int8 (default) or full-int8;
-                   CPU runs use float
+                   CPU runs use int8 (float if the artifacts have no int8 graph)
   -h, --help       show this help
 
 Environment:
@@ -71,7 +71,7 @@ if [[ $BACKEND == auto ]]; then
 fi
 runtime_args() {  # backend -> the runtime flags of gemma-edge
   if [[ $1 == edgetpu ]]; then echo "--backend edgetpu --precision $PRECISION"
-  else echo "--backend cpu --precision float"; fi
+  else echo "--backend cpu --precision auto"; fi  # int8 when exported, else float
 }
 
 work=$(mktemp -d)
