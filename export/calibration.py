@@ -33,10 +33,17 @@ def corpus_token_ids(embedder: Any, rows: Optional[Sequence[dict[str, Any]]] = N
 
 
 def bucket_samples(embedder: Any, token_ids: Sequence[Sequence[int]], seq_len: int,
-                   count: int, seed: int = 0) -> list[dict[str, np.ndarray]]:
-    """``count`` input dicts for one bucket: half single texts, half packed groups."""
+                   count: int, seed: int = 0, ladder: Optional[Sequence[int]] = None
+                   ) -> list[dict[str, np.ndarray]]:
+    """``count`` input dicts for one bucket: half single texts, half packed groups.
+
+    Single texts are those the device sends to this bucket: longer than the next
+    smaller bucket of ``ladder`` (the buckets the graphs exist for; default: the
+    export's). The Edge TPU segments exist at 64 and 256 only, so their 64-token
+    bucket serves every query from 1 token up and must be calibrated on them.
+    """
     rng = random.Random(seed + seq_len)
-    lower = max((b for b in embedder.buckets if b < seq_len), default=0)
+    lower = max((b for b in (ladder or embedder.buckets) if b < seq_len), default=0)
     singles = [ids for ids in token_ids if lower < len(ids) <= seq_len]
     if len(singles) < count:  # too few texts of this size: add longer ones cut to the bucket,
         # as the device cuts them (keeping the final EOS)
@@ -68,14 +75,16 @@ def _inputs(embedder: Any, group: Sequence[Sequence[int]], seq_len: int
 
 
 def calibration_set(art_dir: Path, buckets: Sequence[int], per_bucket: int,
-                    rows: Optional[Sequence[dict[str, Any]]] = None
+                    rows: Optional[Sequence[dict[str, Any]]] = None,
+                    ladder: Optional[Sequence[int]] = None
                     ) -> dict[int, list[dict[str, np.ndarray]]]:
-    """{bucket: [inputs...]} from the float export in ``art_dir``."""
+    """{bucket: [inputs...]} from the float export in ``art_dir`` (``ladder``: see
+    ``bucket_samples``)."""
     from gemma_edge.device import Embedder
 
     emb = Embedder(art_dir, backend="cpu", precision="float")
     ids = corpus_token_ids(emb, rows)
-    return {t: bucket_samples(emb, ids, t, per_bucket) for t in buckets}
+    return {t: bucket_samples(emb, ids, t, per_bucket, ladder=ladder) for t in buckets}
 
 
 def write_calibration(art_dir: Path, out_dir: Path, per_bucket: int) -> dict[int, Path]:

@@ -40,10 +40,19 @@ class Approach(str, enum.Enum):
     FULL_INT8 = "full-int8"          # every op a8w8, int8 I/O: what the Edge TPU runs
 
 
+class RangeStatistic(str, enum.Enum):
+    """How per-sample activation ranges become one range per tensor."""
+
+    MOVING_AVERAGE = "moving-average"  # ai-edge-quantizer's own (EMA 0.95 over the samples)
+    MAX = "max"                        # min/max over every sample
+    MEDIAN = "median"                  # median of the per-sample min and max
+
+
 @dataclass
 class QuantConfig:
     approach: Approach
     calibration_per_bucket: int = 24
+    ranges: RangeStatistic = RangeStatistic.MOVING_AVERAGE
 
 
 CPU_INT8 = QuantConfig(Approach.DYNAMIC_INT8)
@@ -78,7 +87,7 @@ def quantize_graph(float_model: bytes, signature: str, config: QuantConfig,
             if qt.need_calibration:
                 if not calibration:
                     raise QuantizationError(f"{config.approach.value} needs calibration data")
-                result = qt.calibrate({signature: list(calibration)}, num_threads=os.cpu_count() or 1)
+                result = _calibrate(qt, signature, calibration, config.ranges)
             quantized = qt.quantize(result, enable_progress_report=False).quantized_model
     except QuantizationError:
         raise
@@ -86,6 +95,24 @@ def quantize_graph(float_model: bytes, signature: str, config: QuantConfig,
         raise QuantizationError(f"ai-edge-quantizer failed for {signature} "
                                 f"({config.approach.value}): {type(exc).__name__}: {exc}") from exc
     return bytes(quantized)
+
+
+def _calibrate(qt: Any, signature: str, samples: Sequence[dict[str, np.ndarray]],
+               ranges: RangeStatistic) -> dict[str, Any]:
+    threads = os.cpu_count() or 1
+    if ranges is RangeStatistic.MOVING_AVERAGE:
+        return qt.calibrate({signature: list(samples)}, num_threads=threads)
+    # ai-edge-quantizer folds samples by a moving average only; other statistics need
+    # each sample's own range, so it is asked once per sample.
+    per_sample = [qt.calibrate({signature: [sample]}, num_threads=threads) for sample in samples]
+    reduce = np.max if ranges is RangeStatistic.MAX else np.median
+    lower = np.min if ranges is RangeStatistic.MAX else np.median
+    out = {}
+    for name, qsv in per_sample[0].items():
+        stats = [r[name] for r in per_sample if name in r]
+        out[name] = dict(qsv, min=lower(np.stack([q["min"] for q in stats]), axis=0),
+                         max=reduce(np.stack([q["max"] for q in stats]), axis=0))
+    return out
 
 
 def tensor_dtype_census(model: bytes) -> dict[str, int]:

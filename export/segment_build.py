@@ -12,7 +12,7 @@ from __future__ import annotations
 import io
 import math
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 import torch
@@ -183,7 +183,8 @@ def _convert_segment(module: nn.Module, sample: dict[str, torch.Tensor]) -> byte
 
 
 def quantize_segment(kind: str, pair: tuple[AttentionSegment, MlpSegment], seq_len: int,
-                     hidden: int, feeds: Sequence[dict[str, np.ndarray]]) -> bytes:
+                     hidden: int, feeds: Sequence[dict[str, np.ndarray]],
+                     ranges: Optional[Any] = None) -> bytes:
     """Convert one segment ("attn" or "mlp") and quantise it fully to int8 on ``feeds``."""
     from .quantize import Approach, QuantConfig, quantize_graph
 
@@ -193,8 +194,10 @@ def quantize_segment(kind: str, pair: tuple[AttentionSegment, MlpSegment], seq_l
         sample = {"a": torch.zeros(1, 1, seq_len, hidden), "mask": torch.ones(1, seq_len, seq_len)}
     else:
         module, sample = _MlpSeg(mlp), {"b": torch.zeros(1, 1, seq_len, hidden)}
-    return quantize_graph(_convert_segment(module, sample), "segment",
-                          QuantConfig(Approach.FULL_INT8), feeds)
+    config = QuantConfig(Approach.FULL_INT8)
+    if ranges is not None:
+        config.ranges = ranges
+    return quantize_graph(_convert_segment(module, sample), "segment", config, feeds)
 
 
 @torch.no_grad()

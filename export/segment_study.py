@@ -36,16 +36,22 @@ def heldout_inputs(art_dir: Path, seq_len: int, count: int) -> list[dict[str, np
 
 
 def study(checkpoint: str, art_dir: Path, seq_len: int, smoothing: Any,
-          calibration: int, texts: int, kinds: Sequence[str]) -> dict[str, Any]:
-    """Cosine to the float encoder with the ``kinds`` segments in int8 (see module doc)."""
+          calibration: int, texts: int, kinds: Sequence[str],
+          ladder: Optional[Sequence[int]] = None, ranges: Any = None) -> dict[str, Any]:
+    """Cosine to the float encoder with the ``kinds`` segments in int8 (see module doc).
+
+    ``ladder``: the buckets the segments exist for (calibration picks the single texts
+    this bucket serves; default: the export's buckets)."""
     import torch
 
     with torch.no_grad():
-        return _study(checkpoint, art_dir, seq_len, smoothing, calibration, texts, kinds)
+        return _study(checkpoint, art_dir, seq_len, smoothing, calibration, texts, kinds, ladder,
+                      ranges)
 
 
 def _study(checkpoint: str, art_dir: Path, seq_len: int, smoothing: Any,
-           calibration: int, texts: int, kinds: Sequence[str]) -> dict[str, Any]:
+           calibration: int, texts: int, kinds: Sequence[str],
+           ladder: Optional[Sequence[int]], ranges: Any = None) -> dict[str, Any]:
     import torch
     from ai_edge_litert.interpreter import Interpreter
     from tqdm import tqdm
@@ -59,7 +65,7 @@ def _study(checkpoint: str, art_dir: Path, seq_len: int, smoothing: Any,
     from .segment_build import quantize_segment, record_segment_inputs
 
     core, _ = build_encoder(load_checkpoint(checkpoint))
-    cal = calibration_set(art_dir, [seq_len], calibration)[seq_len]
+    cal = calibration_set(art_dir, [seq_len], calibration, ladder=ladder)[seq_len]
     evals = heldout_inputs(art_dir, seq_len, texts)
     scales = seg.measure_scales(core, cal, smoothing)
     segments = seg.layer_segments(core, seq_len, scales)
@@ -71,7 +77,7 @@ def _study(checkpoint: str, art_dir: Path, seq_len: int, smoothing: Any,
         for (i, kind), feeds in tqdm(sorted(inputs.items()), desc="segments", unit="graph"):
             if kind not in kinds:
                 continue
-            data = quantize_segment(kind, segments[i], seq_len, hidden, feeds)
+            data = quantize_segment(kind, segments[i], seq_len, hidden, feeds, ranges)
             path = Path(tmp) / f"{kind}_{i}.tflite"
             path.write_bytes(data)
             int8[(i, kind)] = _Segment(Interpreter(model_path=str(path), num_threads=2), str(path))
@@ -90,6 +96,7 @@ def _study(checkpoint: str, art_dir: Path, seq_len: int, smoothing: Any,
             cos.append(float(torch.nn.functional.cosine_similarity(a, b, 0)))
     values = np.array(cos)
     return {"seq_len": seq_len, "smoothing": smoothing.to_json(), "calibration": calibration,
+            "ranges": getattr(ranges, "value", "moving-average"),
             "texts": len(values), "kinds": list(kinds), "cosine_mean": float(values.mean()),
             "cosine_min": float(values.min()), "cosine_p1": float(np.percentile(values, 1))}
 
@@ -102,6 +109,7 @@ def _run(args: Any) -> int:
         from gemma_edge.errors import InputError
         raise InputError(f"--smoothing {args.smoothing!r}: four values in [0, 1] "
                          "(attention input, V, MLP input, GELU product)")
+    from .quantize import RangeStatistic
     from .segments import Smoothing
 
     if args.mlp_groups < 1:
@@ -109,7 +117,9 @@ def _run(args: Any) -> int:
         raise InputError(f"--mlp-groups {args.mlp_groups}: at least 1")
     result = study(args.checkpoint, args.artifacts, args.seq_len,
                    Smoothing(*alphas, mlp_groups=args.mlp_groups),
-                   args.calibration, args.texts, args.kinds.split(","))
+                   args.calibration, args.texts, args.kinds.split(","),
+                   [int(b) for b in args.ladder.split(",")] if args.ladder else None,
+                   RangeStatistic(args.ranges))
     print(json.dumps(result, indent=2))
     return 0
 
@@ -125,6 +135,12 @@ def register(sub: Any) -> None:
     p.add_argument("--mlp-groups", type=int, default=1,
                    help="channel groups of the MLP's GELU product (1: one int8 scale)")
     p.add_argument("--calibration", type=int, default=32, help="corpus samples")
+    p.add_argument("--ranges", default="moving-average",
+                   choices=("moving-average", "max", "median"),
+                   help="per-tensor activation range from the samples' ranges")
+    p.add_argument("--ladder", default=None,
+                   help="buckets the segments exist for, e.g. 64,256 (the export's "
+                        "--edgetpu-seq-len): calibration texts are those this bucket serves")
     p.add_argument("--texts", type=int, default=24, help="held-out texts to compare")
     p.add_argument("--kinds", default="attn,mlp", help="segments quantised (others stay float)")
     p.set_defaults(func=_run)

@@ -35,3 +35,28 @@ def test_heldout_set_shape_and_separation():
     calibration = {r["text"].strip() for r in load_calibration_corpus()}
     held = {d["text"].strip() for d in docs} | {q["text"].strip() for q in queries}
     assert not calibration & held, "held-out texts must never be in the calibration corpus"
+
+
+def test_single_texts_follow_the_bucket_ladder():
+    """A bucket is calibrated on the single texts the device sends to it: longer than the
+    next smaller bucket of the ladder the graphs exist for."""
+    import numpy as np
+
+    from gemma_edge.export.calibration import bucket_samples
+
+    class Table:
+        def lookup(self, ids):
+            return np.ones((len(ids), 8), np.float32)
+
+    class FakeEmbedder:
+        buckets, slots, hidden, table = [16, 32, 64], 4, 8, Table()
+
+    ids = [[1] * n for n in (5, 10, 20, 30, 40, 60)]
+
+    def single_lengths(samples):
+        return sorted({int(s["pool"][0, 0].sum()) for s in samples if s["pool"][0, 1:].sum() == 0})
+
+    # (32: longer texts cut to the bucket, added when too few texts fit it)
+    assert single_lengths(bucket_samples(FakeEmbedder(), ids, 32, 24)) == [20, 30, 32]
+    sparse = bucket_samples(FakeEmbedder(), ids, 32, 24, ladder=[32, 64])
+    assert single_lengths(sparse) == [5, 10, 20, 30, 32]

@@ -156,3 +156,27 @@ def test_segmented_runner_explains_broken_artifacts(tiny_artifacts, tmp_path):
         shutil.copy(tiny_artifacts / name, tmp_path / name)
     with pytest.raises(ArtifactError, match="host.npz: cannot read the segment constants"):
         SegmentedRunner(tmp_path, graph, BUCKET, never_opened)
+
+
+def test_range_statistics_of_the_calibration(tiny_core, calibration):
+    """Ranges from the samples' own ranges: max >= median, each graph still fully int8."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    from gemma_edge.export import segments as seg
+    from gemma_edge.export.quantize import RangeStatistic, check_fully_int8
+    from gemma_edge.export.segment_build import quantize_segment, record_segment_inputs
+
+    samples = calibration[BUCKET][:4]
+    scales = seg.measure_scales(tiny_core, samples)
+    segments = seg.layer_segments(tiny_core, BUCKET, scales)
+    feeds = record_segment_inputs(tiny_core, scales, segments, samples)[(0, "mlp")]
+    assert len(feeds) == 4
+    out_scale = {}
+    for ranges in (RangeStatistic.MAX, RangeStatistic.MEDIAN, RangeStatistic.MOVING_AVERAGE):
+        data = quantize_segment("mlp", segments[0], BUCKET, tiny_core.spec.hidden_size, feeds,
+                                ranges)
+        check_fully_int8(data)
+        interp = Interpreter(model_content=data)
+        out_scale[ranges] = interp.get_output_details()[0]["quantization"][0]
+    assert out_scale[RangeStatistic.MAX] > out_scale[RangeStatistic.MEDIAN] > 0
+    assert out_scale[RangeStatistic.MAX] >= out_scale[RangeStatistic.MOVING_AVERAGE] > 0
