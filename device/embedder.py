@@ -212,12 +212,31 @@ class Embedder:
         raise InputError(f"{n_tokens} tokens exceed the largest bucket {self.max_tokens}")
 
     def plan(self, lengths: Sequence[int]) -> list[tuple[int, list[int]]]:
-        """(bucket, text indices) runs; short texts share a bucket when packing is on."""
+        """(bucket, text indices) runs; short texts share a bucket when packing is on.
+
+        A text longer than ``pack_tokens`` runs in its own bucket, and the tokens it
+        leaves free there carry short texts (largest first), which a run of its own
+        would otherwise pay for; the remaining short texts are packed first-fit
+        decreasing into ``pack_tokens``.
+        """
         if self.pack_tokens <= 0 or len(lengths) == 1 or self.slots == 1:
             return [(self.bucket_for(n), [i]) for i, n in enumerate(lengths)]
-        long_ones = [i for i, n in enumerate(lengths) if n > self.pack_tokens]
-        short = [i for i, n in enumerate(lengths) if n <= self.pack_tokens]
-        runs = [(self.bucket_for(lengths[i]), [i]) for i in long_ones]
+        long_ones = sorted((i for i, n in enumerate(lengths) if n > self.pack_tokens),
+                           key=lambda i: -lengths[i])
+        short = sorted((i for i, n in enumerate(lengths) if n <= self.pack_tokens),
+                       key=lambda i: -lengths[i])
+        runs = []
+        for i in long_ones:
+            bucket = self.bucket_for(lengths[i])
+            members, free = [i], bucket - lengths[i]
+            for j in list(short):
+                if len(members) == self.slots:
+                    break
+                if lengths[j] <= free:
+                    members.append(j)
+                    free -= lengths[j]
+                    short.remove(j)
+            runs.append((bucket, members))
         for group in pack_greedy([lengths[i] for i in short], self.pack_tokens, self.slots):
             members = [short[k] for k in group]
             runs.append((self.bucket_for(sum(lengths[i] for i in members)), members))

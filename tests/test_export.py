@@ -74,6 +74,21 @@ def test_packing_equals_one_by_one(embedder):
     np.testing.assert_allclose(batch, single, atol=1e-5)
 
 
+def test_long_texts_carry_short_ones_in_their_free_tokens(tiny_artifacts, embedder):
+    emb = Embedder(tiny_artifacts, backend="cpu", precision="float", pack_tokens=16)
+    texts = ["a longer sentence about foxes and the lazy dog that sleeps", "one", "two words",
+             "three little words here", "b"]
+    lengths = [len(t) for t in emb.tokenizer.encode(texts, 64)[0]]
+    assert lengths[0] > 16 and sum(lengths[1:]) <= emb.bucket_for(lengths[0]) - lengths[0]
+    runs = emb.plan(lengths)
+    # largest first, up to the graph's 4 pooling slots; the rest packed on its own
+    assert runs == [(emb.bucket_for(lengths[0]), [0, 3, 2, 1]), (emb.bucket_for(lengths[4]), [4])]
+    assert sorted(i for _, members in runs for i in members) == list(range(len(texts)))
+    batch = emb.encode_query(texts)
+    single = np.stack([embedder.encode_query([t])[0] for t in texts])
+    np.testing.assert_allclose(batch, single, atol=1e-5)
+
+
 def test_smallest_bucket_is_chosen(embedder):
     assert embedder.bucket_for(3) == 16 and embedder.bucket_for(17) == 32
     with pytest.raises(InputError):
