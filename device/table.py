@@ -1,8 +1,9 @@
 """The host-side token-embedding table, memory-mapped from disk.
 
 262144 x 768 rows are 805 MB in float32: the device must not hold them in RAM.
-``np.load(mmap_mode="r")`` maps the file, so a lookup touches only the pages of
-the rows it reads (a 4 KiB page holds 2-5 rows). Two stored forms:
+The .npy file is memory-mapped (read-only, our own ``mmap`` so that it can be
+advised), so a lookup touches only the pages of the rows it reads (a 4 KiB page
+holds 2-5 rows). Two stored forms:
 - ``float16`` rows (403 MB on disk) for the float path: the raw weights are small
   (|w| < 1) so fp16 storage costs < 1e-6 in cosine; activations stay float32;
 - ``int8`` rows with one float32 scale per row (202 MB) for the int8 paths.
