@@ -105,7 +105,7 @@ class Embedder:
                     probe = compiled[0]
                     if probe.get("layout") == "segments":  # open one segment to probe
                         probe = {"path": probe["segments"][0]}
-                    self._open_edgetpu(probe)
+                    self._open(probe, backend="edgetpu")
                     return "edgetpu", "edgetpu-compiled", "Edge TPU found"
                 except EdgeTpuUnavailableError as exc:
                     if backend == "edgetpu":
@@ -123,30 +123,29 @@ class Embedder:
                                 "that builds it (`gemma-edge export` makes every graph)")
         return "cpu", role, reason
 
-    def _open_edgetpu(self, graph: dict[str, Any], cache: bool = True) -> Any:
-        from .edgetpu import make_edgetpu_interpreter
-
+    def _open(self, graph: dict[str, Any], cache: bool = True,
+              backend: Optional[str] = None) -> Any:
+        """The interpreter of ``graph["path"]`` on ``backend`` (default: the chosen one);
+        kept in the LRU of open files unless ``cache`` is off (segments: their runner
+        holds them)."""
         path = graph["path"]
         if path in self._interpreters:
             return self._interpreters[path]
-        interp = make_edgetpu_interpreter(self.art_dir / path, device=self.device,
-                                          num_threads=self.num_threads)
-        if cache:
-            self._interpreters[path] = interp
-        return interp
+        if (backend or self.backend) == "edgetpu":
+            from .edgetpu import make_edgetpu_interpreter
 
-    def _open_cpu(self, graph: dict[str, Any], cache: bool = True) -> Any:
-        path = graph["path"]
-        if path in self._interpreters:
-            return self._interpreters[path]
-        Interpreter, _, _ = interpreter_api()
-        try:
-            interp = Interpreter(model_path=str(self.art_dir / path), num_threads=self.num_threads)
-        except (ValueError, RuntimeError) as exc:
-            hint = (" It is compiled for the Edge TPU; run it with backend='edgetpu'."
-                    if "edgetpu-custom-op" in str(exc) else "")
-            raise ArtifactError(f"{self.art_dir / path}: the TFLite runtime cannot load "
-                                f"it ({str(exc).strip()}).{hint}") from exc
+            interp = make_edgetpu_interpreter(self.art_dir / path, device=self.device,
+                                              num_threads=self.num_threads)
+        else:
+            Interpreter, _, _ = interpreter_api()
+            try:
+                interp = Interpreter(model_path=str(self.art_dir / path),
+                                     num_threads=self.num_threads)
+            except (ValueError, RuntimeError) as exc:
+                hint = (" It is compiled for the Edge TPU; run it with backend='edgetpu'."
+                        if "edgetpu-custom-op" in str(exc) else "")
+                raise ArtifactError(f"{self.art_dir / path}: the TFLite runtime cannot load "
+                                    f"it ({str(exc).strip()}).{hint}") from exc
         if cache:
             self._interpreters[path] = interp
         return interp
@@ -162,8 +161,7 @@ class Embedder:
             if graph.get("layout") == "segments":
                 return self._segmented_runner(graph, seq_len)
             self._evict_for(graph["path"])
-            interp = (self._open_edgetpu(graph) if self.backend == "edgetpu"
-                      else self._open_cpu(graph))
+            interp = self._open(graph)
             signature = (graph.get("signatures") or {}).get(str(seq_len))
             # On the CPU the packed weights live in XNNPACK's buffers; the Edge TPU streams
             # parameters from the mapped file on every call, so its pages must stay.
@@ -179,10 +177,8 @@ class Embedder:
 
         key = f"{graph['path']}#{seq_len}"
         self._evict_for(key)
-        open_one = self._open_edgetpu if self.backend == "edgetpu" else self._open_cpu
-
         def open_graph(path: Path) -> Any:  # the runner holds its segments: one LRU slot
-            return open_one({"path": str(path.relative_to(self.art_dir))}, cache=False)
+            return self._open({"path": str(path.relative_to(self.art_dir))}, cache=False)
 
         runner = SegmentedRunner(self.art_dir, graph, seq_len, open_graph)
         self._interpreters[key] = runner

@@ -210,15 +210,13 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _int_list(text: str) -> list[int]:
-    return [int(x) for x in text.split(",") if x]
-
-
 def register(sub: Any) -> None:
+    from gemma_edge.cli import int_list
+
     p = sub.add_parser("eval", help="fidelity and retrieval quality of each precision vs float")
     p.add_argument("--artifacts", required=True, type=Path)
     p.add_argument("--checkpoint", required=True, help="the checkpoint the export came from")
-    p.add_argument("--dims", type=_int_list, default=None, help="default: the model's MRL dims")
+    p.add_argument("--dims", type=int_list, default=None, help="default: the model's MRL dims")
     p.add_argument("--precisions", default="float,int8,full-int8")
     p.add_argument("--sensitivity", action="store_true",
                    help="per-layer SNR of the quantised graph vs float (converts one bucket)")

@@ -105,13 +105,12 @@ def _calibrate(qt: Any, signature: str, samples: Sequence[dict[str, np.ndarray]]
     # ai-edge-quantizer folds samples by a moving average only; other statistics need
     # each sample's own range, so it is asked once per sample.
     per_sample = [qt.calibrate({signature: [sample]}, num_threads=threads) for sample in samples]
-    reduce = np.max if ranges is RangeStatistic.MAX else np.median
-    lower = np.min if ranges is RangeStatistic.MAX else np.median
+    low, high = (np.min, np.max) if ranges is RangeStatistic.MAX else (np.median, np.median)
     out = {}
     for name, qsv in per_sample[0].items():
         stats = [r[name] for r in per_sample if name in r]
-        out[name] = dict(qsv, min=lower(np.stack([q["min"] for q in stats]), axis=0),
-                         max=reduce(np.stack([q["max"] for q in stats]), axis=0))
+        out[name] = dict(qsv, min=low(np.stack([q["min"] for q in stats]), axis=0),
+                         max=high(np.stack([q["max"] for q in stats]), axis=0))
     return out
 
 

@@ -12,13 +12,14 @@ from __future__ import annotations
 import io
 import math
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 import torch
 from torch import nn
 
 from .encoder import EncoderCore
+from .quantize import RangeStatistic
 from .segments import (
     AttentionSegment,
     LayerScales,
@@ -184,7 +185,7 @@ def _convert_segment(module: nn.Module, sample: dict[str, torch.Tensor]) -> byte
 
 def quantize_segment(kind: str, pair: tuple[AttentionSegment, MlpSegment], seq_len: int,
                      hidden: int, feeds: Sequence[dict[str, np.ndarray]],
-                     ranges: Optional[Any] = None) -> bytes:
+                     ranges: RangeStatistic = RangeStatistic.MOVING_AVERAGE) -> bytes:
     """Convert one segment ("attn" or "mlp") and quantise it fully to int8 on ``feeds``."""
     from .quantize import Approach, QuantConfig, quantize_graph
 
@@ -194,10 +195,8 @@ def quantize_segment(kind: str, pair: tuple[AttentionSegment, MlpSegment], seq_l
         sample = {"a": torch.zeros(1, 1, seq_len, hidden), "mask": torch.ones(1, seq_len, seq_len)}
     else:
         module, sample = _MlpSeg(mlp), {"b": torch.zeros(1, 1, seq_len, hidden)}
-    config = QuantConfig(Approach.FULL_INT8)
-    if ranges is not None:
-        config.ranges = ranges
-    return quantize_graph(_convert_segment(module, sample), "segment", config, feeds)
+    return quantize_graph(_convert_segment(module, sample), "segment",
+                          QuantConfig(Approach.FULL_INT8, ranges=ranges), feeds)
 
 
 @torch.no_grad()

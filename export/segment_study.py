@@ -15,7 +15,9 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
-# torch, litert-torch and the quantiser are imported inside the functions: the CLI
+from .quantize import RangeStatistic  # numpy only at import time
+
+# torch, litert-torch and ai-edge-quantizer are imported inside the functions: the CLI
 # registers this command on every start, also where only the device runtime exists.
 
 
@@ -37,7 +39,8 @@ def heldout_inputs(art_dir: Path, seq_len: int, count: int) -> list[dict[str, np
 
 def study(checkpoint: str, art_dir: Path, seq_len: int, smoothing: Any,
           calibration: int, texts: int, kinds: Sequence[str],
-          ladder: Optional[Sequence[int]] = None, ranges: Any = None) -> dict[str, Any]:
+          ladder: Optional[Sequence[int]] = None,
+          ranges: RangeStatistic = RangeStatistic.MOVING_AVERAGE) -> dict[str, Any]:
     """Cosine to the float encoder with the ``kinds`` segments in int8 (see module doc).
 
     ``ladder``: the buckets the segments exist for (calibration picks the single texts
@@ -51,7 +54,7 @@ def study(checkpoint: str, art_dir: Path, seq_len: int, smoothing: Any,
 
 def _study(checkpoint: str, art_dir: Path, seq_len: int, smoothing: Any,
            calibration: int, texts: int, kinds: Sequence[str],
-           ladder: Optional[Sequence[int]], ranges: Any = None) -> dict[str, Any]:
+           ladder: Optional[Sequence[int]], ranges: RangeStatistic) -> dict[str, Any]:
     import torch
     from ai_edge_litert.interpreter import Interpreter
     from tqdm import tqdm
@@ -96,51 +99,74 @@ def _study(checkpoint: str, art_dir: Path, seq_len: int, smoothing: Any,
             cos.append(float(torch.nn.functional.cosine_similarity(a, b, 0)))
     values = np.array(cos)
     return {"seq_len": seq_len, "smoothing": smoothing.to_json(), "calibration": calibration,
-            "ranges": getattr(ranges, "value", "moving-average"),
+            "ranges": ranges.value,
             "texts": len(values), "kinds": list(kinds), "cosine_mean": float(values.mean()),
             "cosine_min": float(values.min()), "cosine_p1": float(np.percentile(values, 1))}
+
+
+KINDS = ("attn", "mlp")
+
+
+def _alphas(text: str) -> list[float]:
+    """argparse type for --smoothing: four migration strengths in [0, 1]."""
+    import argparse
+
+    try:
+        alphas = [float(a) for a in text.split(",")]
+    except ValueError:
+        alphas = []
+    if len(alphas) != 4 or not all(0.0 <= a <= 1.0 for a in alphas):
+        raise argparse.ArgumentTypeError(f"{text!r}: four values in [0, 1] (attention input, "
+                                         "V, MLP input, GELU product)")
+    return alphas
+
+
+def _kinds(text: str) -> list[str]:
+    """argparse type for --kinds: a comma list of attn, mlp."""
+    import argparse
+
+    kinds = [k for k in text.split(",") if k]
+    if not kinds or any(k not in KINDS for k in kinds):
+        raise argparse.ArgumentTypeError(f"{text!r}: a comma list of {', '.join(KINDS)}")
+    return kinds
 
 
 def _run(args: Any) -> int:
     import json
 
-    alphas = [float(a) for a in args.smoothing.split(",")]
-    if len(alphas) != 4 or not all(0.0 <= a <= 1.0 for a in alphas):
-        from gemma_edge.errors import InputError
-        raise InputError(f"--smoothing {args.smoothing!r}: four values in [0, 1] "
-                         "(attention input, V, MLP input, GELU product)")
-    from .quantize import RangeStatistic
     from .segments import Smoothing
 
     if args.mlp_groups < 1:
         from gemma_edge.errors import InputError
         raise InputError(f"--mlp-groups {args.mlp_groups}: at least 1")
     result = study(args.checkpoint, args.artifacts, args.seq_len,
-                   Smoothing(*alphas, mlp_groups=args.mlp_groups),
-                   args.calibration, args.texts, args.kinds.split(","),
-                   [int(b) for b in args.ladder.split(",")] if args.ladder else None,
+                   Smoothing(*args.smoothing, mlp_groups=args.mlp_groups),
+                   args.calibration, args.texts, args.kinds, args.ladder,
                    RangeStatistic(args.ranges))
     print(json.dumps(result, indent=2))
     return 0
 
 
 def register(sub: Any) -> None:
+    from gemma_edge.cli import int_list
+
     p = sub.add_parser("segment-study", help="cosine of int8 segments vs float for one recipe "
                                              "(the measurements of docs/quantization.md)")
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--artifacts", required=True, type=Path, help="a float export (tokenizer, table)")
     p.add_argument("--seq-len", type=int, default=128)
-    p.add_argument("--smoothing", default="0.75,0.75,0.6,0.6",
+    p.add_argument("--smoothing", type=_alphas, default=[0.75, 0.75, 0.6, 0.6],
                    help="SmoothQuant alphas: attention input, V, MLP input, GELU product")
     p.add_argument("--mlp-groups", type=int, default=1,
                    help="channel groups of the MLP's GELU product (1: one int8 scale)")
     p.add_argument("--calibration", type=int, default=32, help="corpus samples")
-    p.add_argument("--ranges", default="moving-average",
-                   choices=("moving-average", "max", "median"),
+    p.add_argument("--ranges", default=RangeStatistic.MOVING_AVERAGE.value,
+                   choices=[r.value for r in RangeStatistic],
                    help="per-tensor activation range from the samples' ranges")
-    p.add_argument("--ladder", default=None,
+    p.add_argument("--ladder", type=int_list, default=None,
                    help="buckets the segments exist for, e.g. 64,256 (the export's "
                         "--edgetpu-seq-len): calibration texts are those this bucket serves")
     p.add_argument("--texts", type=int, default=24, help="held-out texts to compare")
-    p.add_argument("--kinds", default="attn,mlp", help="segments quantised (others stay float)")
+    p.add_argument("--kinds", type=_kinds, default=list(KINDS),
+                   help="segments quantised (others stay float): attn, mlp or both")
     p.set_defaults(func=_run)

@@ -19,7 +19,8 @@ from .errors import GemmaEdgeError, InputError
 Handler = Callable[[argparse.Namespace], int]
 
 
-def _int_list(text: str) -> list[int]:
+def int_list(text: str) -> list[int]:
+    """argparse type: "16,32,64" -> [16, 32, 64], a usage error otherwise."""
     try:
         return [int(x) for x in text.replace(" ", "").split(",") if x]
     except ValueError as exc:
@@ -32,12 +33,12 @@ def _add_export(sub: Any) -> None:
     p.add_argument("--checkpoint", required=True,
                    help="local sentence-transformers directory, or a hub id when online")
     p.add_argument("--out", required=True, type=Path, help="artifacts directory to write")
-    p.add_argument("--seq-len", type=_int_list, default=None,
+    p.add_argument("--seq-len", type=int_list, default=None,
                    help="bucket lengths in tokens (default 16,32,64,128,256,512)")
     p.add_argument("--pool-slots", type=int, default=None,
                    help="texts one graph run can pool (packing of short texts; default 16)")
     p.add_argument("--no-quantize", action="store_true", help="float graph only")
-    p.add_argument("--edgetpu-seq-len", type=_int_list, default=None,
+    p.add_argument("--edgetpu-seq-len", type=int_list, default=None,
                    help="buckets of the fully int8 Edge TPU segments (default 64,256; "
                         "48 graphs per bucket, see docs/quantization.md)")
     p.add_argument("--no-edgetpu", action="store_true",

@@ -151,3 +151,29 @@ def test_latency_check_on_a_mid_size_model(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "latency check @ 64 tokens" in out
     assert code == 0, out
+
+
+@pytest.mark.parametrize("flag,value,message", [
+    ("--smoothing", "0.5,x,0.5,0.5", "four values in [0, 1]"),
+    ("--smoothing", "0.5,0.5,0.5", "four values in [0, 1]"),
+    ("--kinds", "attn,mlps", "a comma list of attn, mlp"),
+    ("--ladder", "64,2x6", "expected comma-separated integers"),
+])
+def test_segment_study_rejects_bad_options(tmp_path, capsys, flag, value, message):
+    with pytest.raises(SystemExit) as exc:
+        main(["segment-study", "--checkpoint", str(tmp_path), "--artifacts", str(tmp_path),
+              flag, value])
+    assert exc.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_segment_study_rejects_zero_mlp_groups(tmp_path, capsys):
+    code = main(["segment-study", "--checkpoint", str(tmp_path), "--artifacts", str(tmp_path),
+                 "--mlp-groups", "0"])
+    assert code != 0 and "--mlp-groups 0: at least 1" in capsys.readouterr().err
+
+
+def test_eval_rejects_bad_dims(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["eval", "--artifacts", str(tmp_path), "--checkpoint", str(tmp_path),
+              "--dims", "128,x"])
+    assert exc.value.code == 2 and "expected comma-separated integers" in capsys.readouterr().err

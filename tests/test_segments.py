@@ -180,3 +180,43 @@ def test_range_statistics_of_the_calibration(tiny_core, calibration):
         out_scale[ranges] = interp.get_output_details()[0]["quantization"][0]
     assert out_scale[RangeStatistic.MAX] > out_scale[RangeStatistic.MEDIAN] > 0
     assert out_scale[RangeStatistic.MAX] >= out_scale[RangeStatistic.MOVING_AVERAGE] > 0
+
+
+def test_embedder_runs_compiled_segments_through_the_edgetpu_route(tiny_artifacts, tmp_path,
+                                                                   monkeypatch):
+    """backend auto -> Edge TPU when compiled segments and a device exist. No Coral here:
+    the delegate factory is replaced by CPU interpreters of the uncompiled segments, so
+    the route (probe, one LRU slot for the bucket, no page release) is what is tested."""
+    import json
+    import shutil
+
+    from ai_edge_litert.interpreter import Interpreter
+
+    from gemma_edge.device import Embedder, edgetpu
+
+    art = tmp_path / "art"
+    shutil.copytree(tiny_artifacts, art)
+    manifest = json.loads((art / "manifest.json").read_text())
+    source = next(g for g in manifest["graphs"] if g["role"] == "edgetpu")
+    compiled = []
+    for name in source["segments"]:
+        target = name.replace(".tflite", "_edgetpu.tflite")
+        shutil.copy(art / name, art / target)
+        compiled.append(target)
+    manifest["graphs"].append(dict(source, role="edgetpu-compiled", segments=compiled))
+    (art / "manifest.json").write_text(json.dumps(manifest))
+    opened = []
+
+    def fake_delegate_interpreter(model_path, device=None, num_threads=None):
+        opened.append(model_path.name)
+        uncompiled = str(model_path).replace("_edgetpu.tflite", ".tflite")
+        return Interpreter(model_path=uncompiled, num_threads=num_threads)
+
+    monkeypatch.setattr(edgetpu, "make_edgetpu_interpreter", fake_delegate_interpreter)
+    emb = Embedder(art, backend="auto")
+    assert (emb.backend, emb.graph_role, emb.precision) == ("edgetpu", "edgetpu-compiled", "int8")
+    texts = ["hello world", "edge devices embed text locally"]
+    on_tpu = emb.encode_query(texts)
+    assert set(opened) == {p.split("/")[-1] for p in compiled}
+    cpu = Embedder(art, backend="cpu", precision="full-int8").encode_query(texts)
+    np.testing.assert_allclose(on_tpu, cpu, atol=1e-6)
