@@ -71,7 +71,9 @@ class Embedder:
         self.mrl_dims = [int(d) for d in model["mrl_dims"]]
         self.prompts: dict[str, str] = dict(self.manifest.get("prompts", {}))
         self.precision = precision
-        self.num_threads = num_threads if num_threads else default_threads()
+        if num_threads is not None and num_threads < 1:
+            raise InputError(f"num_threads {num_threads}: at least 1 (None: the usable cores)")
+        self.num_threads = num_threads or default_threads()
         self.device = device
         self.max_open_graphs = max_open_graphs
         self.tokenizer = TextTokenizer(self.art_dir, self.manifest["tokenizer"])

@@ -156,6 +156,8 @@ def test_default_precision_is_int8_when_exported(tiny_artifacts, tmp_path, caplo
         emb = Embedder(tiny_artifacts, backend="cpu")
     assert (emb.precision, emb.graph_role) == ("int8", "int8")
     assert emb.num_threads >= 1  # not the runtime's single-thread default
+    with pytest.raises(InputError, match="num_threads 0: at least 1"):
+        Embedder(tiny_artifacts, backend="cpu", num_threads=0)
     assert "int8 graph" in caplog.text
     art = tmp_path / "float-only"
     shutil.copytree(tiny_artifacts, art)
