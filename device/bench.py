@@ -44,6 +44,16 @@ def _peak_rss_mb() -> float:
     return peak / (1024.0 * 1024.0) if sys.platform == "darwin" else peak / 1024.0
 
 
+def _current_rss_mb() -> Optional[float]:
+    """Resident set now (Linux /proc/self/statm), for the memory breakdown; None elsewhere."""
+    try:
+        with open("/proc/self/statm", encoding="ascii") as statm:
+            pages = int(statm.read().split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+    return pages * os.sysconf("SC_PAGE_SIZE") / (1024.0 * 1024.0)
+
+
 def bulk_texts(count: int, seed: int = 0) -> list[str]:
     """Mixed-length documents: mostly short, a tail of long ones (like a notes folder)."""
     rng = np.random.default_rng(seed)
@@ -54,15 +64,21 @@ def bulk_texts(count: int, seed: int = 0) -> list[str]:
 
 
 def measure(artifacts: Path, backend: str, precision: str, runs: int, bulk: int,
-            threads: Optional[int], max_open_graphs: Optional[int] = None) -> dict[str, Any]:
+            threads: Optional[int], max_open_graphs: Optional[int] = None,
+            weight_cache: bool = True) -> dict[str, Any]:
     """All figures for one (backend, precision); runs in the current process."""
+    rss = {"python_numpy": _current_rss_mb()}
     from gemma_edge.device import Embedder
     from gemma_edge.device.packing import bucket_inputs
 
     emb = Embedder(artifacts, backend=backend, precision=precision, num_threads=threads,
-                   max_open_graphs=max_open_graphs)
+                   max_open_graphs=max_open_graphs, weight_cache=None if weight_cache else False)
+    # What the resident set holds, stage by stage (current RSS, MB): the runtime library,
+    # the tokenizer and the table mapping, then the query bucket's weights and arena.
+    rss["embedder_opened"] = _current_rss_mb()
     result: dict[str, Any] = {"backend": emb.backend, "precision": precision,
                               "max_open_graphs": max_open_graphs,
+                              "weight_cache": emb._compiled is not None, "rss_stages_mb": rss,
                               "graph_role": emb.graph_role, "threads": threads, "buckets": {}}
     # Queries first, as an interactive process sees them: only the query buckets are open.
     emb.encode_query(QUERIES[:1])  # warm-up of the query bucket
@@ -78,11 +94,14 @@ def measure(artifacts: Path, backend: str, precision: str, runs: int, bulk: int,
     lengths = [len(x) for x in emb.tokenizer.encode(
         [emb.prompts.get("query", "") + q for q in QUERIES], emb.max_tokens)[0]]
     result["query_tokens"] = {"min": min(lengths), "max": max(lengths)}
+    rss["after_queries"] = _current_rss_mb()
+    result["peak_rss_after_queries_mb"] = _peak_rss_mb()
 
     if bulk:
         docs = bulk_texts(bulk)
         for label, pack in (("packed", None), ("padded", 0)):
             emb.pack_tokens = min(emb.max_tokens, 256) if pack is None else 0
+            emb.encode_document(docs[:64])  # untimed: each mode opens its buckets first
             start = time.perf_counter()
             for i in range(0, len(docs), 64):
                 emb.encode_document(docs[i:i + 64])
@@ -92,6 +111,7 @@ def measure(artifacts: Path, backend: str, precision: str, runs: int, bulk: int,
         result["bulk_speedup"] = result["bulk_packed_texts_per_s"] / result["bulk_padded_texts_per_s"]
         # before the per-bucket sweep opens every graph: a process that embeds documents
         result["peak_rss_after_bulk_mb"] = _peak_rss_mb()
+        rss["after_bulk"] = _current_rss_mb()
 
     rng = np.random.default_rng(0)
     for seq_len in emb.buckets:  # the graph alone, full bucket of one text
@@ -115,7 +135,7 @@ def measure(artifacts: Path, backend: str, precision: str, runs: int, bulk: int,
 def _child(args: argparse.Namespace, precision: str) -> dict[str, Any]:
     cmd = [sys.executable, "-m", "gemma_edge.device.bench", "--child", str(args.artifacts),
            args.backend, precision, str(args.runs), str(args.bulk), str(args.threads or 0),
-           str(args.max_open_graphs or 0)]
+           str(args.max_open_graphs or 0), "0" if args.no_weight_cache else "1"]
     done = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if done.returncode != 0:
         from gemma_edge.errors import GemmaEdgeError
@@ -221,6 +241,12 @@ def print_report(report: dict[str, Any]) -> None:
               + (f" ({r['peak_rss_after_bulk_mb']:.0f} MB after the queries and the bulk "
                  "documents, before the per-bucket sweep)" if "peak_rss_after_bulk_mb" in r
                  else ""))
+        stages_mb = ", ".join(f"{k} {v:.0f}" for k, v in r.get("rss_stages_mb", {}).items()
+                              if v is not None)
+        if stages_mb:
+            print(f"{p}: resident MB by stage: {stages_mb}; peak after the queries "
+                  f"{r['peak_rss_after_queries_mb']:.0f} MB; weight cache "
+                  f"{'on' if r.get('weight_cache') else 'off'}")
         if "bulk_speedup" in r:
             print(f"{p}: bulk {r['bulk_texts']} docs: packed {r['bulk_packed_texts_per_s']:.1f}"
                   f" texts/s, padded {r['bulk_padded_texts_per_s']:.1f} texts/s "
@@ -266,15 +292,17 @@ def register(sub: Any) -> None:
     p.add_argument("--plot", type=Path, default=None)
     p.add_argument("--max-open-graphs", type=int, default=None,
                    help="bound on open per-bucket graphs (RAM on small boards; see Embedder)")
+    p.add_argument("--no-weight-cache", action="store_true",
+                   help="open CPU graphs without XNNPACK's weight cache (packs in memory)")
     p.add_argument("--check", action="store_true", help="CI latency check (int8 vs float ratio)")
     p.add_argument("--max-ratio", type=float, default=0.5)
     p.set_defaults(func=run)
 
 
 def _child_main(argv: Sequence[str]) -> None:
-    art, backend, precision, runs, bulk, threads, max_open = argv
+    art, backend, precision, runs, bulk, threads, max_open, weight_cache = argv
     out = measure(Path(art), backend, precision, int(runs), int(bulk), int(threads) or None,
-                  int(max_open) or None)
+                  int(max_open) or None, weight_cache == "1")
     print(json.dumps(out))
 
 

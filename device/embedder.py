@@ -19,6 +19,7 @@ import numpy as np
 from gemma_edge.errors import ArtifactError, EdgeTpuUnavailableError, InputError
 from gemma_edge.manifest import artifact_id, find_graph, graphs_for_role, load_manifest
 
+from .compiled import CompiledGraphRunner, CompiledGraphs, compiled_model_api, default_cache_dir, writable_dir
 from .packing import bucket_inputs, pack_greedy
 from .runtime import GraphRunner, default_threads, interpreter_api
 from .table import EmbeddingTable
@@ -48,14 +49,21 @@ class Embedder:
     max_open_graphs: keep at most this many per-bucket graph files open (least
     recently used closed first). XNNPACK keeps a packed copy of each open graph's
     weights (~110 MB per int8 bucket), so this bounds RAM on small boards at the
-    cost of re-opening a graph (~0.3 s) when a call switches buckets. Graphs
-    sharing one multi-signature file (the float export) count as one.
+    cost of re-opening a graph when a call switches buckets (~0.03 s with the weight
+    cache, ~0.3 s without). Graphs sharing one multi-signature file (the float
+    export) count as one.
+    weight_cache: directory for XNNPACK's packed-weight cache files (CPU graphs,
+    ai-edge-litert only; see device/compiled.py): None means ``$GEMMA_EDGE_CACHE_DIR``
+    or ``~/.cache/gemma-edge``, False disables it. The first open of a bucket packs
+    its weights into a file there (~110 MB per int8 bucket, ~450 MB for the float
+    graph); later opens map it, and memory peaks at one copy of the weights, not two.
     """
 
     def __init__(self, artifacts: Union[str, Path], backend: str = "auto",
                  precision: str = "auto", num_threads: Optional[int] = None,
                  device: Optional[str] = None, pack_tokens: Optional[int] = None,
-                 max_open_graphs: Optional[int] = None, verify_files: bool = False):
+                 max_open_graphs: Optional[int] = None, verify_files: bool = False,
+                 weight_cache: Union[str, Path, bool, None] = None):
         if backend not in BACKENDS:
             raise InputError(f"backend {backend!r}: choose one of {', '.join(BACKENDS)}")
         if precision not in PRECISIONS:
@@ -83,6 +91,7 @@ class Embedder:
         self.stage_seconds: Counter = Counter()
         self._interpreters: dict[str, Any] = {}
         self.backend, self.graph_role, why = self._choose_backend(backend)
+        self._compiled = self._compiled_graphs(weight_cache) if self.backend == "cpu" else None
         log.info("gemma-edge: %s backend, %s graph (%s)", self.backend, self.graph_role, why)
         graphs = graphs_for_role(self.manifest, self.graph_role)
         self.slots = int(graphs[0]["pool_slots"])
@@ -125,6 +134,30 @@ class Embedder:
                                 "that builds it (`gemma-edge export` makes every graph)")
         return "cpu", role, reason
 
+    def _compiled_graphs(self, weight_cache: Union[str, Path, bool, None]
+                         ) -> Optional[CompiledGraphs]:
+        """The CompiledModel opener with a weight cache, or None (Interpreter path) when
+        it is off, the runtime lacks the API or the cache directory is not writable."""
+        if weight_cache is False:
+            return None
+        api = compiled_model_api()
+        if api is None:
+            return None
+        cache_dir = default_cache_dir() if weight_cache in (None, True) else Path(weight_cache)
+        if not writable_dir(cache_dir):
+            log.warning("gemma-edge: weight cache %s is not writable; graphs are packed in "
+                        "memory at each open (set GEMMA_EDGE_CACHE_DIR)", cache_dir)
+            return None
+        return CompiledGraphs(api, cache_dir, self.num_threads)
+
+    def _use_compiled(self, graph: dict[str, Any]) -> bool:
+        """CPU bucket graphs with float32 inputs and outputs (manifest ``io``) only."""
+        io = graph.get("io") or {}
+        tensors = [t for sig in io.values() for t in sig.get("inputs", []) + sig.get("outputs", [])]
+        return (self._compiled is not None and self.backend == "cpu" and bool(tensors)
+                and all(t.get("dtype") == "float32" for t in tensors)
+                and graph["path"] in self.manifest.get("files", {}))
+
     def _open(self, graph: dict[str, Any], cache: bool = True,
               backend: Optional[str] = None) -> Any:
         """The interpreter of ``graph["path"]`` on ``backend`` (default: the chosen one);
@@ -163,8 +196,10 @@ class Embedder:
             if graph.get("layout") == "segments":
                 return self._segmented_runner(graph, seq_len)
             self._evict_for(graph["path"])
-            interp = self._open(graph)
             signature = (graph.get("signatures") or {}).get(str(seq_len))
+            if self._use_compiled(graph):
+                return self._compiled_runner(graph, seq_len, signature)
+            interp = self._open(graph)
             # On the CPU the packed weights live in XNNPACK's buffers; the Edge TPU streams
             # parameters from the mapped file on every call, so its pages must stay.
             release = self.art_dir / graph["path"] if self.backend == "cpu" else None
@@ -172,6 +207,21 @@ class Embedder:
                                                  self.slots, release_after_first_run=release)
             self._runner_path[seq_len] = graph["path"]
         return self._runners[seq_len]
+
+    def _compiled_runner(self, graph: dict[str, Any], seq_len: int,
+                         signature: Optional[str]) -> Any:
+        path = graph["path"]
+        model = self._interpreters.get(path)
+        if model is None:
+            sha = self.manifest["files"][path]["sha256"]
+            model = self._compiled.open(self.art_dir / path, sha)  # type: ignore[union-attr]
+            self._interpreters[path] = model
+        if signature is None:
+            signature = next(iter(model.get_signature_list()))
+        runner = CompiledGraphRunner(model, signature, seq_len, self.hidden, self.slots)
+        self._runners[seq_len] = runner  # type: ignore[assignment]
+        self._runner_path[seq_len] = path
+        return runner
 
     def _segmented_runner(self, graph: dict[str, Any], seq_len: int) -> Any:
         """The per-layer int8 segments of one bucket (export/segments.py), one LRU slot."""

@@ -114,14 +114,42 @@ def dequantize(x: np.ndarray, detail: dict[str, Any]) -> np.ndarray:
     return (x.astype(np.float32) - zero) * np.float32(scale)
 
 
+INPUT_ROLES = ("embeddings", "mask", "pool")
+
+
+def match_inputs(shapes: dict[str, Sequence[int]], seq_len: int, hidden: int,
+                 slots: int) -> list[str]:
+    """Input names in the order (embeddings, mask, pool), matched by name, then by shape.
+
+    By shape too because edgetpu_compiler drops signature names and renames tensors.
+    """
+    want = {"embeddings": (1, seq_len, hidden), "mask": (1, seq_len, seq_len),
+            "pool": (1, slots, seq_len)}
+    shapes = {name: tuple(int(s) for s in shape) for name, shape in shapes.items()}
+    found: dict[str, str] = {}
+    for name, shape in shapes.items():  # by name first (float and CPU int8 graphs keep them)
+        role = next((r for r in INPUT_ROLES if name.split(":")[0].endswith(r)), None)
+        if role and shape == want[role]:
+            found[role] = name
+    for name, shape in shapes.items():  # then by shape
+        if name in found.values():
+            continue
+        role = next((r for r in INPUT_ROLES if r not in found and shape == want[r]), None)
+        if role:
+            found[role] = name
+    missing = [r for r in INPUT_ROLES if r not in found]
+    if missing:
+        raise ArtifactError(f"graph inputs {sorted(shapes.values())} do not match bucket "
+                            f"{seq_len} (missing {missing}); the artifacts are "
+                            "inconsistent, re-export")
+    return [found[r] for r in INPUT_ROLES]
+
+
 class GraphRunner:
     """One encoder graph signature: ``run(embeddings, mask, pool) -> [S, D]`` float32.
 
-    Inputs are matched by shape rank and size rather than by name, because
-    edgetpu_compiler drops signature names and renames tensors.
+    Inputs are matched by ``match_inputs`` (name, then shape).
     """
-
-    INPUT_ORDER = ("embeddings", "mask", "pool")
 
     def __init__(self, interpreter: Any, signature: Optional[str], seq_len: int,
                  hidden: int, slots: int, release_after_first_run: Optional[Path] = None):
@@ -150,27 +178,8 @@ class GraphRunner:
             self._out_detail = outs[0]
 
     def _match(self, details: Sequence[tuple[str, dict[str, Any]]]) -> list[str]:
-        want = {"embeddings": (1, self.seq_len, self.hidden),
-                "mask": (1, self.seq_len, self.seq_len),
-                "pool": (1, self.slots, self.seq_len)}
-        shapes = {name: tuple(int(s) for s in d["shape"]) for name, d in details}
-        found: dict[str, str] = {}
-        for name, shape in shapes.items():  # by name first (float and CPU int8 graphs keep them)
-            role = next((r for r in self.INPUT_ORDER if name.split(":")[0].endswith(r)), None)
-            if role and shape == want[role]:
-                found[role] = name
-        for name, shape in shapes.items():  # then by shape (edgetpu_compiler renames tensors)
-            if name in found.values():
-                continue
-            role = next((r for r in self.INPUT_ORDER if r not in found and shape == want[r]), None)
-            if role:
-                found[role] = name
-        missing = [r for r in self.INPUT_ORDER if r not in found]
-        if missing:
-            raise ArtifactError(f"graph inputs {sorted(shapes.values())} do not match bucket "
-                                f"{self.seq_len} (missing {missing}); the artifacts are "
-                                "inconsistent, re-export")
-        return [found[r] for r in self.INPUT_ORDER]
+        return match_inputs({name: d["shape"] for name, d in details}, self.seq_len,
+                            self.hidden, self.slots)
 
     @property
     def input_details(self) -> list[dict[str, Any]]:

@@ -7,12 +7,15 @@ needs the real 1.2 GB checkpoint or the network.
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# XNNPACK weight caches of the test graphs go to a throw-away folder, not ~/.cache.
+os.environ["GEMMA_EDGE_CACHE_DIR"] = tempfile.mkdtemp(prefix="gemma-edge-test-cache-")
 
 TINY_BUCKETS = (16, 32, 64)
 

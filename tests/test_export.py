@@ -168,12 +168,14 @@ def test_default_precision_is_int8_when_exported(tiny_artifacts, tmp_path, caplo
 
 
 def test_cpu_runner_releases_graph_file_pages(tiny_artifacts, monkeypatch):
-    """After XNNPACK has packed the weights, the mapped file's pages are released once."""
+    """Interpreter path (no weight cache, e.g. tflite-runtime): after XNNPACK has packed the
+    weights, the mapped file's pages are released once."""
     from gemma_edge.device import runtime
 
     released = []
     monkeypatch.setattr(runtime, "release_file_pages", lambda path: released.append(path))
-    emb = Embedder(tiny_artifacts, backend="cpu", precision="int8", pack_tokens=0)
+    emb = Embedder(tiny_artifacts, backend="cpu", precision="int8", pack_tokens=0,
+                   weight_cache=False)
     first = emb.encode_query(["hello"])
     emb.encode_query(["hello"])
     assert [p.name for p in released] == ["encoder_int8_16.tflite"]

@@ -1,0 +1,146 @@
+"""CPU graphs through LiteRT's CompiledModel API with XNNPACK's file-backed weight cache.
+
+Why: the classic ``Interpreter`` makes XNNPACK pack a graph's weights into anonymous
+memory at every open (~0.3 s per int8 bucket), while the .tflite file's weight pages
+are resident too, so opening an int8 bucket peaks at twice its ~110 MB of weights.
+With a weight cache file (``CpuOptions.xnnpack_weight_cache_path``) XNNPACK packs once
+into that file; later opens map it (~0.03 s) and never read the graph's weight pages.
+Packed pages are then clean page-cache pages: the kernel may drop them under memory
+pressure and processes embedding with the same artifacts share them.
+
+Only ``ai_edge_litert`` has the API; tflite-runtime (Coral Dev Board, Pi) keeps the
+Interpreter path (``runtime.GraphRunner``). Imported lazily, like every runtime.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+
+from gemma_edge.errors import ArtifactError
+
+from .runtime import match_inputs
+
+log = logging.getLogger("gemma_edge.device")
+
+CACHE_ENV = "GEMMA_EDGE_CACHE_DIR"
+
+
+def default_cache_dir() -> Path:
+    """``$GEMMA_EDGE_CACHE_DIR``, else ``$XDG_CACHE_HOME/gemma-edge``, else ``~/.cache/gemma-edge``."""
+    if os.environ.get(CACHE_ENV):
+        return Path(os.environ[CACHE_ENV])
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "gemma-edge"
+
+
+def compiled_model_api() -> Optional[dict[str, Any]]:
+    """The CompiledModel classes of ai_edge_litert, or None when this runtime lacks them."""
+    try:
+        from ai_edge_litert.compiled_model import CompiledModel
+        from ai_edge_litert.cpu_options import CpuOptions
+        from ai_edge_litert.environment import Environment, EnvironmentOptions
+        from ai_edge_litert.hardware_accelerator import HardwareAccelerator
+        from ai_edge_litert.options import Options
+    except ImportError:
+        return None
+    try:
+        from importlib.metadata import version  # Python >= 3.8, like ai-edge-litert itself
+
+        runtime_version = version("ai-edge-litert")
+    except Exception:  # metadata missing (vendored copy): still usable, name the cache "unknown"
+        runtime_version = "unknown"
+    return {"CompiledModel": CompiledModel, "CpuOptions": CpuOptions, "Options": Options,
+            "Environment": Environment, "EnvironmentOptions": EnvironmentOptions,
+            "HardwareAccelerator": HardwareAccelerator, "version": runtime_version}
+
+
+def writable_dir(path: Path) -> bool:
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        return False
+    return os.access(path, os.W_OK | os.X_OK)
+
+
+class CompiledGraphs:
+    """Opens float-I/O graph files as CompiledModels, each with its weight cache file.
+
+    The cache file is named by the graph file's SHA-256 (from the manifest) and the
+    runtime version: XNNPACK checks its own format but not which model a cache was
+    packed from, so a name per graph content is what keeps a stale cache from being
+    used. A new cache is packed into a temporary name and renamed when complete, so an
+    interrupted first open leaves no half-written cache under the final name.
+    """
+
+    def __init__(self, api: dict[str, Any], cache_dir: Path, num_threads: int):
+        self.api, self.cache_dir, self.num_threads = api, cache_dir, num_threads
+        # One LiteRT environment for all graphs. The plugin paths point at the cache dir
+        # (no vendor plugins in it), so no NPU compiler plugin is searched for and loaded.
+        self.environment = api["Environment"].create(options=api["EnvironmentOptions"](
+            compiler_plugin_path=str(cache_dir), dispatch_library_path=str(cache_dir)))
+
+    def cache_path(self, sha256: str) -> Path:
+        return self.cache_dir / f"{sha256[:32]}-litert{self.api['version']}.xnnpack"
+
+    def open(self, graph_file: Path, sha256: str) -> Any:
+        final = self.cache_path(sha256)
+        building = not final.exists()
+        target = final.with_name(f"{final.name}.{os.getpid()}.tmp") if building else final
+        api = self.api
+        options = api["Options"](api["HardwareAccelerator"].CPU, cpu_options=api["CpuOptions"](
+            num_threads=self.num_threads, xnnpack_weight_cache_path=str(target)))
+        try:
+            model = api["CompiledModel"].from_file(str(graph_file), environment=self.environment,
+                                                   options=options)
+        except (ValueError, RuntimeError) as exc:
+            if building and target.exists():
+                target.unlink()
+            raise ArtifactError(f"{graph_file}: the LiteRT runtime cannot load it "
+                                f"({str(exc).strip()}); re-export or check the file") from exc
+        if building:
+            if target.exists():
+                os.replace(target, final)  # the open mapping follows the inode
+                log.info("gemma-edge: packed %s's weights into %s", graph_file.name, final)
+            else:
+                log.warning("gemma-edge: XNNPACK wrote no weight cache for %s", graph_file.name)
+        return model
+
+
+class CompiledGraphRunner:
+    """One signature of a CompiledModel: ``run(embeddings, mask, pool) -> [S, D]`` float32.
+
+    Same contract as ``runtime.GraphRunner`` for float-I/O graphs (the CPU float and
+    int8 graphs); integer-I/O graphs stay on the Interpreter path.
+    """
+
+    def __init__(self, model: Any, signature: str, seq_len: int, hidden: int, slots: int):
+        self.model, self.seq_len, self.hidden, self.slots = model, seq_len, hidden, slots
+        signatures = list(model.get_signature_list())
+        if signature not in signatures:
+            raise ArtifactError(f"graph has no signature {signature!r} (has {signatures}); "
+                                "the artifacts are inconsistent, re-export")
+        self._index = signatures.index(signature)
+        details = model.get_input_tensor_details(signature)
+        names = list(details)
+        order = match_inputs({n: details[n]["shape"] for n in names}, seq_len, hidden, slots)
+        self._order = [names.index(n) for n in order]
+        for name in names:
+            if np.dtype(details[name]["dtype"]) != np.float32:
+                raise ArtifactError(f"input {name!r} of {signature} is {details[name]['dtype']}; "
+                                    "the compiled-model path takes float32 graphs only")
+        outputs = model.get_output_tensor_details(signature)
+        self._out_shape = tuple(next(iter(outputs.values()))["shape"])
+        self._inputs = model.create_input_buffers(self._index)
+        self._outputs = model.create_output_buffers(self._index)
+
+    def run(self, embeddings: np.ndarray, mask: np.ndarray, pool: np.ndarray) -> np.ndarray:
+        for position, array in zip(self._order, (embeddings, mask, pool)):
+            self._inputs[position].write(np.ascontiguousarray(array, dtype=np.float32))
+        self.model.run_by_index(self._index, self._inputs, self._outputs)
+        out = self._outputs[0].read(int(np.prod(self._out_shape)), np.float32)
+        return np.asarray(out, dtype=np.float32).reshape(self.slots, -1)

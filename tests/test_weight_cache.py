@@ -1,0 +1,105 @@
+"""CPU graphs through LiteRT's CompiledModel with XNNPACK's weight cache (device/compiled.py).
+
+Same vectors as the Interpreter path, one cache file per graph content, reused by the
+next process, rebuilt when damaged, never left half-written; off when not writable.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import numpy as np
+import pytest
+
+from gemma_edge.device import Embedder
+from gemma_edge.device.compiled import CompiledGraphRunner, compiled_model_api
+from gemma_edge.device.runtime import GraphRunner
+
+pytestmark = pytest.mark.skipif(compiled_model_api() is None,
+                                reason="this LiteRT runtime has no CompiledModel API")
+
+QUERIES = ["hello", "a much longer query about embedded retrieval on small boards"]
+DOCS = ["word " * 40, "short doc", "x " * 20]
+
+
+def _vectors(emb: Embedder) -> np.ndarray:
+    return np.concatenate([emb.encode_query(QUERIES), emb.encode_document(DOCS)])
+
+
+@pytest.mark.parametrize("precision", ["int8", "float"])
+def test_same_vectors_as_interpreter_and_cache_reused(tiny_artifacts, tmp_path, precision):
+    cache = tmp_path / "wc"
+    reference = _vectors(Embedder(tiny_artifacts, backend="cpu", precision=precision,
+                                  weight_cache=False))
+    emb = Embedder(tiny_artifacts, backend="cpu", precision=precision, weight_cache=cache)
+    got = _vectors(emb)
+    np.testing.assert_allclose(got, reference, atol=1e-6)
+    assert emb._runners and all(isinstance(r, CompiledGraphRunner) for r in emb._runners.values())
+    files = sorted(cache.iterdir())
+    opened = {emb._runner_path[s] for s in emb._runners}
+    assert len(files) == len(opened)  # one per graph file (the float export is one file)
+    assert all(f.suffix == ".xnnpack" and f.stat().st_size > 0 for f in files)
+    stamps = {f: f.stat().st_mtime_ns for f in files}
+    again = _vectors(Embedder(tiny_artifacts, backend="cpu", precision=precision,
+                              weight_cache=cache))
+    np.testing.assert_allclose(again, reference, atol=1e-6)
+    assert {f: f.stat().st_mtime_ns for f in cache.iterdir()} == stamps  # mapped, not re-packed
+
+
+def test_damaged_cache_is_rebuilt(tiny_artifacts, tmp_path):
+    cache = tmp_path / "wc"
+    reference = Embedder(tiny_artifacts, backend="cpu", precision="int8",
+                         weight_cache=cache).encode_query(QUERIES)
+    for f in cache.iterdir():
+        f.write_bytes(f.read_bytes()[: f.stat().st_size // 3])
+    got = Embedder(tiny_artifacts, backend="cpu", precision="int8",
+                   weight_cache=cache).encode_query(QUERIES)
+    np.testing.assert_allclose(got, reference, atol=1e-6)
+
+
+def test_cache_name_follows_graph_content(tiny_artifacts, tmp_path):
+    """A cache packed from other weights is never used: the name is the graph's SHA-256."""
+    emb = Embedder(tiny_artifacts, backend="cpu", precision="int8", weight_cache=tmp_path)
+    emb.encode_query(["hello"])
+    path = emb._runner_path[16]
+    sha = emb.manifest["files"][path]["sha256"]
+    assert [f.name for f in tmp_path.iterdir()] == [emb._compiled.cache_path(sha).name]
+    assert sha[:32] in emb._compiled.cache_path(sha).name
+
+
+def test_failed_open_leaves_no_partial_cache(tiny_artifacts, tmp_path, monkeypatch):
+    from gemma_edge.errors import ArtifactError
+
+    emb = Embedder(tiny_artifacts, backend="cpu", precision="int8", weight_cache=tmp_path)
+    real = emb._compiled.api["CompiledModel"]
+
+    class Failing:
+        @staticmethod
+        def from_file(path, environment, options):
+            open(options.cpu_options.xnnpack_weight_cache_path, "wb").write(b"partial")
+            raise RuntimeError("simulated failure while packing")
+
+    monkeypatch.setitem(emb._compiled.api, "CompiledModel", Failing)
+    with pytest.raises(ArtifactError, match="cannot load it"):
+        emb.encode_query(["hello"])
+    assert list(tmp_path.iterdir()) == []
+    monkeypatch.setitem(emb._compiled.api, "CompiledModel", real)
+    assert emb.encode_query(["hello"]).shape == (1, emb.output_dim)
+
+
+def test_unwritable_cache_falls_back_to_interpreter(tiny_artifacts, tmp_path, caplog):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    with caplog.at_level(logging.WARNING, logger="gemma_edge.device"):
+        emb = Embedder(tiny_artifacts, backend="cpu", precision="int8",
+                       weight_cache=blocker / "cache")
+    assert "not writable" in caplog.text
+    emb.encode_query(["hello"])
+    assert all(isinstance(r, GraphRunner) for r in emb._runners.values())
+
+
+def test_default_cache_dir_from_environment(tiny_artifacts, tmp_path, monkeypatch):
+    monkeypatch.setenv("GEMMA_EDGE_CACHE_DIR", str(tmp_path / "env-cache"))
+    Embedder(tiny_artifacts, backend="cpu", precision="int8").encode_query(["hello"])
+    assert len(os.listdir(tmp_path / "env-cache")) == 1
