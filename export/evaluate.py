@@ -55,7 +55,7 @@ def evaluate(art_dir: Path, checkpoint_dir: Path, precisions: Sequence[str],
     for precision in precisions:
         if not graphs_for_role(manifest, PRECISION_ROLE[precision]):
             continue
-        emb = Embedder(art_dir, backend="cpu", precision=precision)
+        emb = Embedder(art_dir, backend="cpu", precision=precision, weight_cache=False)
         ours_q = emb.encode_query(q_texts)
         ours_d = emb.encode(d_texts, prompt="")
         per_dim: dict[str, Any] = {}

@@ -274,7 +274,8 @@ def verify_artifacts(art_dir: Path, checkpoint_dir: Path, precision: str,
     """
     from gemma_edge.device import Embedder
 
-    emb = Embedder(art_dir, backend="cpu", precision=precision)
+    # no XNNPACK weight cache: a one-off run on the workstation (and a staging folder)
+    emb = Embedder(art_dir, backend="cpu", precision=precision, weight_cache=False)
     reference = verify.reference_model(checkpoint_dir, emb.max_tokens)
     if texts is None:
         def count(text: str) -> int:

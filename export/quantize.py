@@ -88,6 +88,8 @@ def quantize_graph(float_model: bytes, signature: str, config: QuantConfig,
                 if not calibration:
                     raise QuantizationError(f"{config.approach.value} needs calibration data")
                 result = _calibrate(qt, signature, calibration, config.ranges)
+                if config.approach is Approach.FULL_INT8:
+                    unify_ranges(result, row_block_groups(float_model))
             quantized = qt.quantize(result, enable_progress_report=False).quantized_model
     except QuantizationError:
         raise
@@ -102,6 +104,11 @@ def _calibrate(qt: Any, signature: str, samples: Sequence[dict[str, np.ndarray]]
     threads = os.cpu_count() or 1
     if ranges is RangeStatistic.MOVING_AVERAGE:
         return qt.calibrate({signature: list(samples)}, num_threads=threads)
+    return _per_sample_ranges(qt, signature, samples, ranges, threads)
+
+
+def _per_sample_ranges(qt: Any, signature: str, samples: Sequence[dict[str, np.ndarray]],
+                       ranges: RangeStatistic, threads: int) -> dict[str, Any]:
     # ai-edge-quantizer folds samples by a moving average only; other statistics need
     # each sample's own range, so it is asked once per sample.
     per_sample = [qt.calibrate({signature: [sample]}, num_threads=threads) for sample in samples]
@@ -112,6 +119,61 @@ def _calibrate(qt: Any, signature: str, samples: Sequence[dict[str, np.ndarray]]
         out[name] = dict(qsv, min=low(np.stack([q["min"] for q in stats]), axis=0),
                          max=high(np.stack([q["max"] for q in stats]), axis=0))
     return out
+
+
+def row_block_groups(model: bytes) -> list[list[str]]:
+    """Names of the MUL outputs that are row blocks of one product (see below).
+
+    The Edge TPU graphs compute attention products as MUL + SUM over blocks of query
+    rows, concatenated (``CoralLayer._blocks``: the compiler needs small activations).
+    Each block's MUL gets its own calibrated range, but the blocks are one tensor cut by
+    position: a block whose positions held mostly padding during calibration gets a
+    narrower range and clips the real tokens a packed bucket puts there. Pattern:
+    CONCATENATION <- SUM <- MUL, one group per CONCATENATION.
+    """
+    from ai_edge_litert import schema_py_generated as schema
+
+    tree = schema.ModelT.InitFromObj(schema.Model.GetRootAs(model, 0))
+    codes = {v: k for k, v in vars(schema.BuiltinOperator).items() if not k.startswith("_")}
+    groups = []
+    for sub in tree.subgraphs or []:
+        kind = [codes.get(max(tree.operatorCodes[op.opcodeIndex].builtinCode,
+                              tree.operatorCodes[op.opcodeIndex].deprecatedBuiltinCode))
+                for op in sub.operators]
+        producer = {int(t): i for i, op in enumerate(sub.operators) for t in op.outputs}
+
+        for i, op in enumerate(sub.operators):
+            if kind[i] != "CONCATENATION":
+                continue
+            group = []
+            for t in op.inputs:
+                s = producer.get(int(t))
+                if s is None or kind[s] != "SUM":
+                    break
+                m = producer.get(int(sub.operators[s].inputs[0]))
+                if m is None or kind[m] != "MUL":
+                    break
+                raw = sub.tensors[int(sub.operators[m].outputs[0])].name
+                group.append(raw.decode() if isinstance(raw, bytes) else str(raw))
+            else:
+                if len(group) > 1:
+                    groups.append(group)
+    return groups
+
+
+def unify_ranges(calibration: dict[str, Any], groups: Sequence[Sequence[str]]) -> int:
+    """Give every tensor of a group the union of the group's ranges; tensors changed."""
+    changed = 0
+    for group in groups:
+        present = [n for n in group if n in calibration]
+        if len(present) < 2:
+            continue
+        low = np.min(np.stack([np.asarray(calibration[n]["min"]) for n in present]), axis=0)
+        high = np.max(np.stack([np.asarray(calibration[n]["max"]) for n in present]), axis=0)
+        for n in present:
+            calibration[n] = dict(calibration[n], min=low, max=high)
+        changed += len(present)
+    return changed
 
 
 def tensor_dtype_census(model: bytes) -> dict[str, int]:

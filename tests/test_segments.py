@@ -220,3 +220,49 @@ def test_embedder_runs_compiled_segments_through_the_edgetpu_route(tiny_artifact
     assert set(opened) == {p.split("/")[-1] for p in compiled}
     cpu = Embedder(art, backend="cpu", precision="full-int8").encode_query(texts)
     np.testing.assert_allclose(on_tpu, cpu, atol=1e-6)
+
+
+def test_row_blocks_of_one_product_share_one_range(tiny_core, calibration):
+    """Attention products cut into row blocks (MUL + SUM per block, concatenated) get
+    the union of their calibrated ranges: a block whose rows were mostly padding during
+    calibration must not clip the real tokens a packed bucket puts there."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    from gemma_edge.export import segments as seg
+    from gemma_edge.export.quantize import row_block_groups, unify_ranges
+    from gemma_edge.export.segment_build import (
+        _AttnSeg,
+        _convert_segment,
+        quantize_segment,
+        record_segment_inputs,
+    )
+
+    samples = calibration[BUCKET][:4]
+    scales = seg.measure_scales(tiny_core, samples)
+    hd = tiny_core.layers[0].head_dim
+    segments = seg.layer_segments(tiny_core, BUCKET, scales, max_product=BUCKET * hd * 8)
+    feeds = record_segment_inputs(tiny_core, scales, segments, samples)[(0, "attn")]
+    hidden = tiny_core.spec.hidden_size
+    float_model = _convert_segment(_AttnSeg(segments[0][0]), {
+        "a": torch.zeros(1, 1, BUCKET, hidden), "mask": torch.ones(1, BUCKET, BUCKET)})
+    groups = row_block_groups(float_model)
+    assert len(groups) == 2 and all(len(g) > 2 for g in groups)  # q.k and p.v products
+
+    ranges = {n: {"min": np.array(-float(i + 1)), "max": np.array(float(i))}
+              for i, n in enumerate(groups[0])}
+    assert unify_ranges(ranges, groups) == len(groups[0])
+    assert {float(r["max"]) for r in ranges.values()} == {len(groups[0]) - 1.0}
+    assert {float(r["min"]) for r in ranges.values()} == {-float(len(groups[0]))}
+
+    interp = Interpreter(model_content=quantize_segment("attn", segments[0], BUCKET, hidden,
+                                                        feeds))
+    ops = interp._get_ops_details()
+    scale = {t["index"]: float(t["quantization"][0]) for t in interp.get_tensor_details()}
+    producer = {out: op for op in ops for out in op["outputs"]}
+    concats = [op for op in ops if op["op_name"] == "CONCATENATION"
+               and all(producer[i]["op_name"] == "SUM" for i in op["inputs"])]
+    assert len(concats) == 2
+    for op in concats:
+        muls = [producer[producer[i]["inputs"][0]] for i in op["inputs"]]
+        assert all(m["op_name"] == "MUL" for m in muls)
+        assert len({scale[m["outputs"][0]] for m in muls}) == 1
