@@ -45,7 +45,9 @@ class Embedder:
     artifacts have int8 graphs (cosine ~0.998 to float, 2-4x faster), else "float".
     num_threads: CPU interpreter threads; default: the usable cores, at most 4.
     pack_tokens: short texts in one call are packed together into buckets of up
-    to this many tokens (block-diagonal attention); 0 disables packing.
+    to this many tokens (block-diagonal attention); 0 disables packing. Default
+    256; for the full-int8 segments the smallest bucket (64), where packing costs
+    no accuracy, and no short texts ride along with a long one.
     max_open_graphs: keep at most this many per-bucket graph files open (least
     recently used closed first). XNNPACK keeps a packed copy of each open graph's
     weights (~110 MB per int8 bucket), so this bounds RAM on small boards at the
@@ -97,7 +99,15 @@ class Embedder:
         self.slots = int(graphs[0]["pool_slots"])
         self.buckets = sorted({int(s) for g in graphs for s in (g.get("seq_lens") or [g["seq_len"]])})
         self.max_tokens = self.buckets[-1]
-        self.pack_tokens = min(self.max_tokens, 256 if pack_tokens is None else int(pack_tokens))
+        # The full-int8 segments lose accuracy for tokens far into a bucket (measured on the
+        # real model: a query at position 60-229 of the 256-token segments 0.966-0.974 to
+        # float, at 0-30 0.982-0.983; docs/quantization.md), so there texts are packed only
+        # into the smallest bucket and a long text carries no short ones.
+        segmented = any(g.get("layout") == "segments" for g in graphs)
+        default_pack = self.buckets[0] if segmented else 256
+        self.pack_tokens = min(self.max_tokens,
+                               default_pack if pack_tokens is None else int(pack_tokens))
+        self.carry_short = not segmented
         table_kind = "float" if self.graph_role == "float" else "int8"
         tables = self.manifest["embedding_tables"]
         self.table = EmbeddingTable(self.art_dir, tables.get(table_kind) or tables["float"])
@@ -277,7 +287,7 @@ class Embedder:
         for i in long_ones:
             bucket = self.bucket_for(lengths[i])
             members, free = [i], bucket - lengths[i]
-            for j in list(short):
+            for j in list(short) if self.carry_short else []:
                 if len(members) == self.slots:
                     break
                 if lengths[j] <= free:

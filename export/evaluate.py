@@ -26,7 +26,10 @@ def _doc_texts(docs: Sequence[dict[str, Any]]) -> list[str]:
 
 
 def evaluate(art_dir: Path, checkpoint_dir: Path, precisions: Sequence[str],
-             dims: Optional[Sequence[int]] = None, quick: bool = False) -> dict[str, Any]:
+             dims: Optional[Sequence[int]] = None, quick: bool = False,
+             pack_tokens: Optional[int] = None) -> dict[str, Any]:
+    """``pack_tokens``: the Embedder's packing budget (None: its default; 0: every text
+    in its own bucket, as a one-by-one caller sees it)."""
     from gemma_edge.datasets import load_heldout
     from gemma_edge.device import Embedder
     from gemma_edge.device.embedder import truncate_dim
@@ -50,12 +53,14 @@ def evaluate(art_dir: Path, checkpoint_dir: Path, precisions: Sequence[str],
     ref_q = verify.reference_embeddings(reference, q_texts, "query")
     ref_d = verify.reference_embeddings(reference, d_texts, None)
     report: dict[str, Any] = {"queries": len(queries), "documents": len(docs),
+                              "pack_tokens": pack_tokens,
                               "dims": dims, "precisions": {}}
     langs = sorted({q["lang"] for q in queries})
     for precision in precisions:
         if not graphs_for_role(manifest, PRECISION_ROLE[precision]):
             continue
-        emb = Embedder(art_dir, backend="cpu", precision=precision, weight_cache=False)
+        emb = Embedder(art_dir, backend="cpu", precision=precision, weight_cache=False,
+                       pack_tokens=pack_tokens)
         ours_q = emb.encode_query(q_texts)
         ours_d = emb.encode(d_texts, prompt="")
         per_dim: dict[str, Any] = {}
@@ -197,7 +202,8 @@ def run(args: argparse.Namespace) -> int:
     from .checkpoint import resolve_checkpoint
 
     ckpt = resolve_checkpoint(args.checkpoint)
-    report = evaluate(args.artifacts, ckpt, args.precisions.split(","), args.dims)
+    report = evaluate(args.artifacts, ckpt, args.precisions.split(","), args.dims,
+                      pack_tokens=args.pack_tokens)
     print_report(report)
     if args.sensitivity:
         report["sensitivity"] = sensitivity(ckpt, args.artifacts, args.sensitivity_precision,
@@ -218,6 +224,8 @@ def register(sub: Any) -> None:
     p.add_argument("--checkpoint", required=True, help="the checkpoint the export came from")
     p.add_argument("--dims", type=int_list, default=None, help="default: the model's MRL dims")
     p.add_argument("--precisions", default="float,int8,full-int8")
+    p.add_argument("--pack-tokens", type=int, default=None,
+                   help="packing budget of the Embedder (default: its own; 0: one text per call)")
     p.add_argument("--sensitivity", action="store_true",
                    help="per-layer SNR of the quantised graph vs float (converts one bucket)")
     p.add_argument("--sensitivity-precision", default="int8", choices=("int8", "full-int8"))

@@ -52,6 +52,9 @@ def test_eval_on_heldout(tiny_artifacts, tiny_checkpoint, tmp_path):
     assert report["queries"] >= 100 and "en" in f["per_language"]
     q = report["precisions"]["int8"]["128"]
     assert 0.9 < q["cosine"]["mean"] < 1.0
+    alone = evaluate(tiny_artifacts, tiny_checkpoint, ["float"], dims=[128], pack_tokens=0)
+    assert alone["pack_tokens"] == 0
+    assert alone["precisions"]["float"]["128"]["cosine"]["min"] > 0.9999
 
 
 def test_embed_cli(tiny_artifacts, tmp_path, capsys):

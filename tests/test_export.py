@@ -89,6 +89,16 @@ def test_long_texts_carry_short_ones_in_their_free_tokens(tiny_artifacts, embedd
     np.testing.assert_allclose(batch, single, atol=1e-5)
 
 
+def test_full_int8_segments_pack_only_into_their_smallest_bucket(tiny_artifacts):
+    """Segments lose accuracy far into a bucket: pack into the smallest, carry nothing."""
+    emb = Embedder(tiny_artifacts, backend="cpu", precision="full-int8")
+    assert emb.buckets == [32] and emb.pack_tokens == 32 and not emb.carry_short
+    runs = emb.plan([20, 5, 6, 30])
+    assert runs == [(32, [3]), (32, [0, 2, 1])]
+    float_emb = Embedder(tiny_artifacts, backend="cpu", precision="float")
+    assert float_emb.pack_tokens == 64 and float_emb.carry_short  # 256, capped by the buckets
+
+
 def test_smallest_bucket_is_chosen(embedder):
     assert embedder.bucket_for(3) == 16 and embedder.bucket_for(17) == 32
     with pytest.raises(InputError):
