@@ -46,8 +46,8 @@ class Embedder:
     num_threads: CPU interpreter threads; default: the usable cores, at most 4.
     pack_tokens: short texts in one call are packed together into buckets of up
     to this many tokens (block-diagonal attention); 0 disables packing. Default
-    256; for the full-int8 segments the smallest bucket (64), where packing costs
-    no accuracy, and no short texts ride along with a long one.
+    256; for the full-int8 segments the smallest bucket (64), whose segments are the
+    most exact, and no short texts ride along with a long one.
     max_open_graphs: keep at most this many per-bucket graph files open (least
     recently used closed first). XNNPACK keeps a packed copy of each open graph's
     weights (~110 MB per int8 bucket), so this bounds RAM on small boards at the
@@ -99,10 +99,10 @@ class Embedder:
         self.slots = int(graphs[0]["pool_slots"])
         self.buckets = sorted({int(s) for g in graphs for s in (g.get("seq_lens") or [g["seq_len"]])})
         self.max_tokens = self.buckets[-1]
-        # The full-int8 segments lose accuracy for tokens far into a bucket (measured on the
-        # real model: a query at position 60-229 of the 256-token segments 0.966-0.974 to
-        # float, at 0-30 0.982-0.983; docs/quantization.md), so there texts are packed only
-        # into the smallest bucket and a long text carries no short ones.
+        # The full-int8 segments of a larger bucket are less exact (real model: a query in
+        # the 256-token segments 0.966-0.974 to float, in the 64-token ones 0.980-0.982;
+        # docs/quantization.md), so there texts are packed only into the smallest bucket
+        # and a long text carries no short ones.
         segmented = any(g.get("layout") == "segments" for g in graphs)
         default_pack = self.buckets[0] if segmented else 256
         self.pack_tokens = min(self.max_tokens,

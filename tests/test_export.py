@@ -90,7 +90,7 @@ def test_long_texts_carry_short_ones_in_their_free_tokens(tiny_artifacts, embedd
 
 
 def test_full_int8_segments_pack_only_into_their_smallest_bucket(tiny_artifacts):
-    """Segments lose accuracy far into a bucket: pack into the smallest, carry nothing."""
+    """Larger segment buckets are less exact: pack into the smallest, carry nothing."""
     emb = Embedder(tiny_artifacts, backend="cpu", precision="full-int8")
     assert emb.buckets == [32] and emb.pack_tokens == 32 and not emb.carry_short
     runs = emb.plan([20, 5, 6, 30])
