@@ -158,7 +158,12 @@ class Embedder:
             log.warning("gemma-edge: weight cache %s is not writable; graphs are packed in "
                         "memory at each open (set GEMMA_EDGE_CACHE_DIR)", cache_dir)
             return None
-        return CompiledGraphs(api, cache_dir, self.num_threads)
+        try:
+            return CompiledGraphs(api, cache_dir, self.num_threads)
+        except Exception as exc:  # noqa: BLE001 - a broken LiteRT install: the Interpreter still runs
+            log.warning("gemma-edge: LiteRT CompiledModel unavailable (%s); graphs are packed "
+                        "in memory at each open", exc)
+            return None
 
     def _use_compiled(self, graph: dict[str, Any]) -> bool:
         """CPU bucket graphs with float32 inputs and outputs (manifest ``io``) only."""

@@ -103,3 +103,17 @@ def test_default_cache_dir_from_environment(tiny_artifacts, tmp_path, monkeypatc
     monkeypatch.setenv("GEMMA_EDGE_CACHE_DIR", str(tmp_path / "env-cache"))
     Embedder(tiny_artifacts, backend="cpu", precision="int8").encode_query(["hello"])
     assert len(os.listdir(tmp_path / "env-cache")) == 1
+
+
+def test_broken_compiled_runtime_falls_back_to_interpreter(tiny_artifacts, tmp_path,
+                                                           monkeypatch, caplog):
+    from gemma_edge.device import compiled
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no environment")
+
+    monkeypatch.setattr(compiled.CompiledGraphs, "__init__", broken)
+    with caplog.at_level(logging.WARNING, logger="gemma_edge.device"):
+        emb = Embedder(tiny_artifacts, backend="cpu", precision="int8", weight_cache=tmp_path)
+    assert "CompiledModel unavailable" in caplog.text and emb._compiled is None
+    assert emb.encode_query(["hello"]).shape == (1, emb.output_dim)
