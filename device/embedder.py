@@ -166,10 +166,11 @@ class Embedder:
             return None
 
     def _use_compiled(self, graph: dict[str, Any]) -> bool:
-        """CPU bucket graphs with float32 inputs and outputs (manifest ``io``) only."""
+        """CPU bucket graphs with float32 inputs and outputs (manifest ``io``) only
+        (``_compiled`` exists on the CPU backend only)."""
         io = graph.get("io") or {}
         tensors = [t for sig in io.values() for t in sig.get("inputs", []) + sig.get("outputs", [])]
-        return (self._compiled is not None and self.backend == "cpu" and bool(tensors)
+        return (self._compiled is not None and bool(tensors)
                 and all(t.get("dtype") == "float32" for t in tensors)
                 and graph["path"] in self.manifest.get("files", {}))
 
