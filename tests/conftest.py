@@ -6,7 +6,9 @@ needs the real 1.2 GB checkpoint or the network.
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -14,8 +16,10 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-# XNNPACK weight caches of the test graphs go to a throw-away folder, not ~/.cache.
+# XNNPACK weight caches of the test graphs go to a throw-away folder, not ~/.cache,
+# removed when the session ends.
 os.environ["GEMMA_EDGE_CACHE_DIR"] = tempfile.mkdtemp(prefix="gemma-edge-test-cache-")
+atexit.register(shutil.rmtree, os.environ["GEMMA_EDGE_CACHE_DIR"], ignore_errors=True)
 
 TINY_BUCKETS = (16, 32, 64)
 
