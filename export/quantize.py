@@ -46,6 +46,7 @@ class RangeStatistic(str, enum.Enum):
     MOVING_AVERAGE = "moving-average"  # ai-edge-quantizer's own (EMA 0.95 over the samples)
     MAX = "max"                        # min/max over every sample
     MEDIAN = "median"                  # median of the per-sample min and max
+    MSE = "mse"                        # moving average, then shrunk to the least int8 MSE
 
 
 @dataclass
@@ -87,7 +88,7 @@ def quantize_graph(float_model: bytes, signature: str, config: QuantConfig,
             if qt.need_calibration:
                 if not calibration:
                     raise QuantizationError(f"{config.approach.value} needs calibration data")
-                result = _calibrate(qt, signature, calibration, config.ranges)
+                result = _calibrate(qt, float_model, signature, calibration, config.ranges)
                 if config.approach is Approach.FULL_INT8:
                     unify_ranges(result, row_block_groups(float_model))
             quantized = qt.quantize(result, enable_progress_report=False).quantized_model
@@ -99,11 +100,16 @@ def quantize_graph(float_model: bytes, signature: str, config: QuantConfig,
     return bytes(quantized)
 
 
-def _calibrate(qt: Any, signature: str, samples: Sequence[dict[str, np.ndarray]],
-               ranges: RangeStatistic) -> dict[str, Any]:
+def _calibrate(qt: Any, float_model: bytes, signature: str,
+               samples: Sequence[dict[str, np.ndarray]], ranges: RangeStatistic) -> dict[str, Any]:
     threads = os.cpu_count() or 1
     if ranges is RangeStatistic.MOVING_AVERAGE:
         return qt.calibrate({signature: list(samples)}, num_threads=threads)
+    if ranges is RangeStatistic.MSE:
+        from .ranges import mse_ranges
+
+        return mse_ranges(float_model, signature, samples,
+                          qt.calibrate({signature: list(samples)}, num_threads=threads))
     return _per_sample_ranges(qt, signature, samples, ranges, threads)
 
 

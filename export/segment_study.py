@@ -88,8 +88,8 @@ def _study(checkpoint: str, art_dir: Path, seq_len: int, smoothing: Any,
         def run(i: int, kind: str, x: Any, mask: Optional[Any]) -> Any:
             if (i, kind) not in int8:
                 return float_run(i, kind, x, mask)
-            out = int8[(i, kind)](x.numpy(), None if mask is None else mask.numpy())
-            return torch.from_numpy(out.reshape(x.shape))
+            return torch.from_numpy(int8[(i, kind)](x.numpy(), None if mask is None
+                                                    else mask.numpy()))
 
         reference = BucketEncoder(core, seq_len).eval()
         cos = []
@@ -140,7 +140,8 @@ def _run(args: Any) -> int:
         from gemma_edge.errors import InputError
         raise InputError(f"--mlp-groups {args.mlp_groups}: at least 1")
     result = study(args.checkpoint, args.artifacts, args.seq_len,
-                   Smoothing(*args.smoothing, mlp_groups=args.mlp_groups),
+                   Smoothing(*args.smoothing, mlp_groups=args.mlp_groups,
+                             mlp_host_sum=args.mlp_host_sum),
                    args.calibration, args.texts, args.kinds, args.ladder,
                    RangeStatistic(args.ranges))
     print(json.dumps(result, indent=2))
@@ -159,6 +160,9 @@ def register(sub: Any) -> None:
                    help="SmoothQuant alphas: attention input, V, MLP input, GELU product")
     p.add_argument("--mlp-groups", type=int, default=1,
                    help="channel groups of the MLP's GELU product (1: one int8 scale)")
+    p.add_argument("--mlp-host-sum", action="store_true",
+                   help="with --mlp-groups: the segment returns the groups' partial outputs "
+                        "and the host adds them in float (instead of int8 ADDs in the graph)")
     p.add_argument("--calibration", type=int, default=32, help="corpus samples")
     p.add_argument("--ranges", default=RangeStatistic.MOVING_AVERAGE.value,
                    choices=[r.value for r in RangeStatistic],

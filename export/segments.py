@@ -59,7 +59,7 @@ class LayerScales:
     attn_out: np.ndarray  # [C] o_proj output channel c is divided by attn_out[c]
     ff_in: np.ndarray     # [C]
     act: np.ndarray       # [I] GELU(gate) * up channel j is divided by act[j]
-    ff_out: np.ndarray    # [C]
+    ff_out: np.ndarray    # [C], or [G, C]: the MLP segment returns G partials (host sums)
     q: np.ndarray         # [H*D] raw q channel absmax: the graph carries q / q_scale
     k: np.ndarray         # [D]
     act_groups: Optional[np.ndarray] = None  # [I] int: MLP channel group (None: one group)
@@ -99,10 +99,14 @@ class Smoothing:
     # it there, but in the calibrated int8 graphs 2 and 4 groups were worse than one
     # (docs/quantization.md): 1 by default, kept for `segment-study --mlp-groups`.
     mlp_groups: int = 1
+    # Where the groups' partial down projections are added: in the graph (int8 ADDs,
+    # each partial calibrated on its own min/max) or on the host in float, the segment
+    # returning the G partials [1, G, T, C], each with its own per-channel output scale.
+    mlp_host_sum: bool = False
 
     def to_json(self) -> dict[str, float]:
         return {"attn_in": self.attn_in, "v": self.v, "ff_in": self.ff_in, "act": self.act,
-                "mlp_groups": self.mlp_groups}
+                "mlp_groups": self.mlp_groups, "mlp_host_sum": self.mlp_host_sum}
 
 
 def smooth(act_absmax: torch.Tensor, weight_colmax: torch.Tensor, alpha: float) -> torch.Tensor:
@@ -206,8 +210,8 @@ class MlpSegment(nn.Module):
         col = layer.pre_ff_norm.gain.detach().double() * _t(scales.ff_in)
         w = layer.gate_up_proj.weight.detach().double() * col
         w_gate, w_up = w[:inter], w[inter:] / _t(scales.act)[:, None]
-        w_down = (layer.down_proj.weight.detach().double() * _t(scales.act)
-                  / _t(scales.ff_out)[:, None])
+        w_down = layer.down_proj.weight.detach().double() * _t(scales.act)
+        self.host_sum = np.ndim(scales.ff_out) == 2
         # Channel groups: gate/up/down split by intermediate channel, one GELU(gate) * up
         # tensor (own int8 scale) per group, the partial down projections added. Exact.
         groups = (np.zeros(inter, np.int32) if scales.act_groups is None
@@ -215,16 +219,25 @@ class MlpSegment(nn.Module):
         members = [torch.from_numpy(np.flatnonzero(groups == g)) for g in np.unique(groups)]
         self.gate = nn.ModuleList(_conv(w_gate[idx]) for idx in members)
         self.up = nn.ModuleList(_conv(w_up[idx]) for idx in members)
-        self.down = nn.ModuleList(_conv(w_down[:, idx]) for idx in members)
+        out_scale = (_t(scales.ff_out) if self.host_sum
+                     else _t(scales.ff_out)[None].expand(len(members), -1))
+        if out_scale.shape[0] != len(members):
+            raise QuantizationError(f"{out_scale.shape[0]} output scales for {len(members)} "
+                                    "MLP channel groups")
+        self.down = nn.ModuleList(_conv(w_down[:, idx] / out_scale[g][:, None])
+                                  for g, idx in enumerate(members))
 
     def forward(self, b: torch.Tensor) -> torch.Tensor:
-        out: Optional[torch.Tensor] = None
+        parts = []
         for gate_conv, up_conv, down_conv in zip(self.gate, self.up, self.down):
             gate = _apply(gate_conv, b)
             act = gate * torch.sigmoid(gate * (GELU_C1 + GELU_C2 * gate * gate)) * _apply(up_conv, b)
-            part = _apply(down_conv, act)
-            out = part if out is None else out + part
-        assert out is not None
+            parts.append(_apply(down_conv, act))                          # [1, 1, T, C]
+        if self.host_sum:
+            return torch.cat(parts, dim=1)                                # [1, G, T, C]
+        out = parts[0]
+        for part in parts[1:]:
+            out = out + part
         return out
 
 
@@ -243,7 +256,8 @@ def host_forward(core: EncoderCore, scales: Sequence[LayerScales], run: SegmentF
     """The host's part of the segmented encoder, with ``run(layer, kind, input, mask)``
     computing a segment (torch modules, or int8 TFLite graphs on the device).
 
-    ``record(layer, name, tensor)`` sees every segment input/output (calibration).
+    ``record(layer, name, tensor)`` sees every segment input and output, the output
+    after the host's per-channel scale and partial sum (calibration, identity scales).
     """
     spec = core.spec
     seq = embeddings.shape[1]
@@ -262,10 +276,12 @@ def host_forward(core: EncoderCore, scales: Sequence[LayerScales], run: SegmentF
             if record:
                 record(i, f"{name}_in", h)
             out = run(i, kind, h.float().reshape(1, 1, seq, -1), mask if kind == "attn" else None)
-            out = out.reshape(seq, -1).double()
+            # per-channel output scales; [G, C] when the segment returns G partials to add
+            width = x.shape[-1]
+            out = (out.reshape(-1, seq, width).double() * _t(s_out).reshape(-1, 1, width)).sum(0)
             if record:
                 record(i, f"{name}_out", out)
-            x = x + host_rms(out * _t(s_out), post.eps) * post.gain.double()
+            x = x + host_rms(out, post.eps) * post.gain.double()
     x = host_rms(x, core.final_norm.eps) * core.final_norm.gain.double()
     pooled = pool[0].double() @ x
     if core.dense_has_bias:
@@ -330,7 +346,9 @@ def measure_scales(core: EncoderCore, samples: Sequence[dict[str, np.ndarray]],
     hooks = [layer.qkv_proj.register_forward_hook(
         lambda _m, _inp, out, i=i: keep_qkv(i, out)) for i, layer in enumerate(core.layers)]
     encoders: dict[int, BucketEncoder] = {}
-    try:
+
+    def float_pass(mlp_out: Callable[[int, torch.Tensor], torch.Tensor]) -> None:
+        """Every sample through the float host loop; ``mlp_out(layer, act)`` ends the MLPs."""
         for sample in samples:
             seq = sample["embeddings"].shape[1]
             live_now[:] = [torch.from_numpy(sample["pool"][0]).sum(0) > 0]
@@ -349,14 +367,35 @@ def measure_scales(core: EncoderCore, samples: Sequence[dict[str, np.ndarray]],
                     return layer.attention(h * layer.input_norm.gain, rope, bias)
                 gate_up = layer.gate_up_proj(h * layer.pre_ff_norm.gain)
                 g, u = gate_up[:, :layer.intermediate], gate_up[:, layer.intermediate:]
-                act = nn.functional.gelu(g, approximate="tanh") * u
-                keep(i, "act", act[live_now[0]])
-                return layer.down_proj(act)
+                return mlp_out(i, nn.functional.gelu(g, approximate="tanh") * u)
 
             host_forward(core, ident, run, *sample_tensors(sample), record=rec)
+
+    def first(i: int, act: torch.Tensor) -> torch.Tensor:
+        keep(i, "act", act[live_now[0]])
+        return core.layers[i].down_proj(act)
+
+    try:
+        float_pass(first)
     finally:
         for hook in hooks:
             hook.remove()
+    act_scales = [smooth(stats[(i, "act")], layer.down_proj.weight.detach().abs().amax(0),
+                         smoothing.act) for i, layer in enumerate(core.layers)]
+    groups = [channel_groups((stats[(i, "act")] / act_scales[i]).numpy(), smoothing.mlp_groups)
+              for i in range(n)]
+    if smoothing.mlp_host_sum and smoothing.mlp_groups > 1:
+        # second pass: each group's partial down projection, its own per-channel absmax
+        members = [[torch.from_numpy(np.flatnonzero(g == k)) for k in np.unique(g)]
+                   for g in groups]
+
+        def partials(i: int, act: torch.Tensor) -> torch.Tensor:
+            w = core.layers[i].down_proj.weight
+            for k, idx in enumerate(members[i]):
+                keep(i, f"ff_out_{k}", (act[:, idx] @ w[:, idx].T)[live_now[0]])
+            return core.layers[i].down_proj(act)
+
+        float_pass(partials)
     out = []
     for i, layer in enumerate(core.layers):
         hd = spec.head_dim
@@ -366,13 +405,14 @@ def measure_scales(core: EncoderCore, samples: Sequence[dict[str, np.ndarray]],
         ff_in = smooth(stats[(i, "ff_in")], w_gu.abs().amax(0), smoothing.ff_in)
         w_o = layer.o_proj.weight.detach().abs().reshape(c, spec.num_heads, hd).amax((0, 1))
         v = smooth(stats[(i, "v")], w_o, smoothing.v)
-        act = smooth(stats[(i, "act")], layer.down_proj.weight.detach().abs().amax(0),
-                     smoothing.act)
-        act_groups = channel_groups((stats[(i, "act")] / act).numpy(), smoothing.mlp_groups)
+        act, act_groups = act_scales[i], groups[i]
         # outputs: per-channel absmax of the unscaled branch outputs (recorded with
         # identity scales), so every output channel spans the same int8 range
         attn_out = stats[(i, "attn_out")].clamp(min=1e-6)
         ff_out = stats[(i, "ff_out")].clamp(min=1e-6)
+        if (i, "ff_out_0") in stats:  # [G, C]: partial outputs summed on the host
+            ff_out = torch.stack([stats[(i, f"ff_out_{k}")] for k in range(len(np.unique(
+                act_groups)))]).clamp(min=1e-6)
         q_abs, k_abs = stats[(i, "q")].clamp(min=1e-6), stats[(i, "k")].clamp(min=1e-6)
         out.append(LayerScales(*(t.numpy().astype(np.float32) for t in
                                  (attn_in, v, attn_out, ff_in, act, ff_out, q_abs, k_abs)),

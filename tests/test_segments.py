@@ -47,6 +47,15 @@ def test_segmented_rewrite_is_exact_in_float(tiny_core, calibration):
     segments = seg.layer_segments(tiny_core, BUCKET, grouped)
     assert len(segments[0][1].down) == 4
     assert check_float(tiny_core, grouped, segments, samples) >= FLOAT_EQUALITY
+    # ... and with the partial outputs returned to the host, each with its own scales
+    host_sum = seg.measure_scales(tiny_core, samples, seg.Smoothing(mlp_groups=3,
+                                                                    mlp_host_sum=True))
+    assert host_sum[0].ff_out.shape == (3, tiny_core.spec.hidden_size)
+    assert not np.allclose(host_sum[0].ff_out[0], host_sum[0].ff_out[1])
+    segments = seg.layer_segments(tiny_core, BUCKET, host_sum)
+    b = torch.randn(1, 1, BUCKET, tiny_core.spec.hidden_size)
+    assert segments[0][1](b).shape == (1, 3, BUCKET, tiny_core.spec.hidden_size)
+    assert check_float(tiny_core, host_sum, segments, samples) >= FLOAT_EQUALITY
 
 
 def test_channel_groups_rank_by_range():
@@ -172,7 +181,8 @@ def test_range_statistics_of_the_calibration(tiny_core, calibration):
     feeds = record_segment_inputs(tiny_core, scales, segments, samples)[(0, "mlp")]
     assert len(feeds) == 4
     out_scale = {}
-    for ranges in (RangeStatistic.MAX, RangeStatistic.MEDIAN, RangeStatistic.MOVING_AVERAGE):
+    for ranges in (RangeStatistic.MAX, RangeStatistic.MEDIAN, RangeStatistic.MOVING_AVERAGE,
+                   RangeStatistic.MSE):
         data = quantize_segment("mlp", segments[0], BUCKET, tiny_core.spec.hidden_size, feeds,
                                 ranges)
         check_fully_int8(data)
@@ -180,6 +190,26 @@ def test_range_statistics_of_the_calibration(tiny_core, calibration):
         out_scale[ranges] = interp.get_output_details()[0]["quantization"][0]
     assert out_scale[RangeStatistic.MAX] > out_scale[RangeStatistic.MEDIAN] > 0
     assert out_scale[RangeStatistic.MAX] >= out_scale[RangeStatistic.MOVING_AVERAGE] > 0
+    # MSE only ever shrinks the moving-average range
+    assert 0 < out_scale[RangeStatistic.MSE] <= out_scale[RangeStatistic.MOVING_AVERAGE] * 1.0001
+
+
+def test_mse_range_clips_a_lone_outlier_and_keeps_a_dense_range():
+    from gemma_edge.export.ranges import best_ratio
+
+    rng = np.random.default_rng(0)
+    dense = rng.uniform(-1.0, 1.0, 20000).astype(np.float32)
+    weights = np.ones_like(dense)
+    assert best_ratio(dense, weights, float(dense.min()), float(dense.max())) == 1.0
+    # one outlier among two million small values (a subsample, each standing for 100)
+    spiky = np.concatenate([rng.normal(0.0, 0.05, 20000), [5.0]]).astype(np.float32)
+    weights = np.full_like(spiky, 100.0)
+    weights[-1] = 1.0
+    ratio = best_ratio(spiky, weights, -5.0, 5.0)
+    assert ratio < 0.5
+    # the weights count: the outlier standing for many values keeps the range wider
+    weights[-1] = 1e5
+    assert best_ratio(spiky, weights, -5.0, 5.0) > ratio
 
 
 def test_embedder_runs_compiled_segments_through_the_edgetpu_route(tiny_artifacts, tmp_path,
