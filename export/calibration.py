@@ -37,10 +37,11 @@ def bucket_samples(embedder: Any, token_ids: Sequence[Sequence[int]], seq_len: i
                    ) -> list[dict[str, np.ndarray]]:
     """``count`` input dicts for one bucket: half single texts, half packed groups.
 
-    Single texts are those the device sends to this bucket: longer than the next
-    smaller bucket of ``ladder`` (the buckets the graphs exist for; default: the
-    export's). The Edge TPU segments exist at 64 and 256 only, so their 64-token
-    bucket serves every query from 1 token up and must be calibrated on them.
+    Single texts are longer than the next smaller bucket of ``ladder`` (default: the
+    float export's buckets 16..512, so 33-64 tokens for the 64-token bucket). The
+    Edge TPU segments' own ladder (64, 128, 256) would calibrate the 64-token segments
+    on texts of 1-64 tokens, the ones they serve; that was measured worse (mostly
+    padding rows, docs/quantization.md), so the export keeps the default.
     """
     rng = random.Random(seed + seq_len)
     lower = max((b for b in (ladder or embedder.buckets) if b < seq_len), default=0)

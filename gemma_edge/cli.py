@@ -39,10 +39,10 @@ def _add_export(sub: Any) -> None:
                    help="texts one graph run can pool (packing of short texts; default 16)")
     p.add_argument("--no-quantize", action="store_true", help="float graph only")
     p.add_argument("--edgetpu-seq-len", type=int_list, default=None,
-                   help="buckets of the fully int8 Edge TPU segments (default 64,256; "
+                   help="buckets of the fully int8 Edge TPU segments (default 64,128,256; "
                         "48 graphs per bucket, see docs/quantization.md)")
     p.add_argument("--no-edgetpu", action="store_true",
-                   help="skip the fully int8 Edge TPU segments (~15 minutes of the real export)")
+                   help="skip the fully int8 Edge TPU segments (~13 minutes of the real export)")
     p.add_argument("--no-eval", action="store_true",
                    help="skip the quick held-out evaluation recorded in the manifest")
     p.set_defaults(func=_run_export)

@@ -296,3 +296,16 @@ def test_row_blocks_of_one_product_share_one_range(tiny_core, calibration):
         muls = [producer[producer[i]["inputs"][0]] for i in op["inputs"]]
         assert all(m["op_name"] == "MUL" for m in muls)
         assert len({scale[m["outputs"][0]] for m in muls}) == 1
+
+
+def test_segments_built_in_worker_processes_equal_the_inline_build(tiny_core, calibration,
+                                                                   tmp_path):
+    """Two worker processes (the export's default on 2 cores) write the same files."""
+    from gemma_edge.export.segment_build import build_segmented
+
+    samples = {BUCKET: calibration[BUCKET][:3]}
+    inline = build_segmented(tiny_core, tmp_path / "one", [BUCKET], samples, workers=1)
+    pooled = build_segmented(tiny_core, tmp_path / "two", [BUCKET], samples, workers=2)
+    assert inline == pooled
+    for name in inline[0]["segments"]:
+        assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "two" / name).read_bytes()
