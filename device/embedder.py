@@ -206,7 +206,7 @@ class Embedder:
             path = self._runner_path[seq_len]
             self._interpreters[path] = self._interpreters.pop(path)
         else:
-            graph = find_graph(self.manifest, self.graph_role, seq_len)
+            graph = self._graph_for(seq_len)
             if graph is None:
                 raise ArtifactError(f"no {self.graph_role} graph for {seq_len} tokens")
             if graph.get("layout") == "segments":
@@ -223,6 +223,17 @@ class Embedder:
                                                  self.slots, release_after_first_run=release)
             self._runner_path[seq_len] = graph["path"]
         return self._runners[seq_len]
+
+    def _graph_for(self, seq_len: int) -> Optional[dict[str, Any]]:
+        """The manifest entry that runs ``seq_len``: for int8 through CompiledModel the
+        one-file export of every bucket ("int8-shared": its weights are packed once for
+        all buckets), else the role's own graph (per-bucket files for the Interpreter,
+        which would pack a multi-signature file once per signature)."""
+        if self.graph_role == "int8" and self._compiled is not None:
+            shared = find_graph(self.manifest, "int8-shared", seq_len)
+            if shared is not None and self._use_compiled(shared):
+                return shared
+        return find_graph(self.manifest, self.graph_role, seq_len)
 
     def _compiled_runner(self, graph: dict[str, Any], seq_len: int,
                          signature: Optional[str]) -> Any:

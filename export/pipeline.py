@@ -265,6 +265,24 @@ def _corpus_probe_texts() -> list[str]:
         return []
 
 
+def _shared_int8_embedder(art_dir: Path, precision: str) -> Optional[tuple[Any, Any]]:
+    """(Embedder on the one-file int8 export, its throw-away weight cache folder), or None
+    when there is no such file or LiteRT's CompiledModel cannot run it here."""
+    import tempfile
+
+    from gemma_edge.device import Embedder
+    from gemma_edge.manifest import find_graph, load_manifest
+
+    if precision != "int8" or find_graph(load_manifest(art_dir), "int8-shared") is None:
+        return None
+    cache = tempfile.TemporaryDirectory(prefix="gemma-edge-verify-")
+    emb = Embedder(art_dir, backend="cpu", precision="int8", weight_cache=Path(cache.name))
+    if emb._compiled is None:
+        cache.cleanup()
+        return None
+    return emb, cache
+
+
 def verify_artifacts(art_dir: Path, checkpoint_dir: Path, precision: str,
                      min_cosine: float, texts: Optional[Sequence[str]] = None) -> dict[str, Any]:
     """Embed sample texts through the device runtime and compare with sentence-transformers.
@@ -285,12 +303,22 @@ def verify_artifacts(art_dir: Path, checkpoint_dir: Path, precision: str,
         texts = list(verify.SAMPLE_TEXTS) + verify.length_targeted_texts(count, emb.buckets)
     result: dict[str, Any] = {"texts": len(texts)}
     worst = 1.0
+    shared = _shared_int8_embedder(art_dir, precision)
     for prompt_name in ("query", "document"):
         ours = emb.encode(texts, prompt_name=prompt_name)
         theirs = verify.reference_embeddings(reference, texts, prompt_name)
         stats = verify.cosine_stats(ours, theirs, emb.mrl_dims)
         result[prompt_name] = stats
         worst = min(worst, stats[str(emb.output_dim)]["min"])
+        if shared is not None:  # the one-file int8 export must give the same vectors
+            diff = float(np.abs(shared[0].encode(texts, prompt_name=prompt_name) - ours).max())
+            result["shared_file_max_abs_diff"] = max(diff, result.get(
+                "shared_file_max_abs_diff", 0.0))
+            if diff > 1e-4:
+                raise VerificationError(f"{precision}: the one-file int8 graph differs from the "
+                                        f"per-bucket graphs by {diff:.2e}; nothing was written")
+    if shared is not None:
+        shared[1].cleanup()
     result["min_cosine"] = worst
     if worst < min_cosine:
         raise VerificationError(

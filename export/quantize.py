@@ -8,9 +8,12 @@ Two products (see docs/quantization.md for the measurements behind them):
   activations with per-tensor scales, int8 inputs and output; built per layer by
   ``export/segments.py`` with this module's FULL_INT8 approach.
 
-Each bucket gets its own file: XNNPACK packs the weights of every subgraph of
-an interpreter, so a multi-signature int8 file would cost one packed copy per
-bucket in RAM; separate files are opened (and packed) only when used.
+Each bucket gets its own file: the plain Interpreter's XNNPACK packs the weights of
+every subgraph of a file, so a multi-signature int8 file would cost one packed copy
+per bucket in RAM; separate files are opened (and packed) only when used. With
+LiteRT's CompiledModel and XNNPACK's weight cache the buckets' shared weights are
+packed once, so the export also writes every bucket into one file (role
+``int8-shared``), which the Embedder prefers on that path.
 """
 
 from __future__ import annotations
@@ -229,4 +232,24 @@ def build_cpu_int8(core: Any, art_dir: Path, buckets: Sequence[int], slots: int,
         entries.append(graph_entry(name, "int8", [seq_len], slots, mask_penalty,
                                    approach=config.approach.value,
                                    census=tensor_dtype_census(quantized)))
+    shared = art_dir / SHARED_INT8
+    if config.approach is Approach.DYNAMIC_INT8 and (art_dir / FLOAT_GRAPH).is_file():
+        if progress:
+            progress("int8 CPU graph, all buckets in one file: quantising")
+        quantized = quantize_graph((art_dir / FLOAT_GRAPH).read_bytes(),
+                                   f"encode_{buckets[0]}", config, [])
+        atomic_write_bytes(shared, quantized)
+        entries.append(graph_entry(SHARED_INT8, "int8-shared", buckets, slots, mask_penalty,
+                                   approach=config.approach.value,
+                                   census=tensor_dtype_census(quantized)))
     return entries
+
+
+# The float export is one multi-signature file whose buckets share every weight buffer;
+# quantised as a whole it stays so (137 MB for six buckets). LiteRT's CompiledModel with
+# XNNPACK's weight cache then packs those weights once for all buckets (one 108 MB cache
+# file): every bucket open costs ~100 MB less than one file per bucket. The plain
+# Interpreter (no cache: tflite-runtime on boards) packs every signature of a file at
+# once, so it keeps the per-bucket files (docs/quantization.md has both figures).
+FLOAT_GRAPH = "encoder_float.tflite"
+SHARED_INT8 = "encoder_int8_all.tflite"

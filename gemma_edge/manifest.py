@@ -19,7 +19,7 @@ from .errors import ArtifactError
 
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
-GRAPH_ROLES = ("float", "int8", "edgetpu", "edgetpu-compiled")
+GRAPH_ROLES = ("float", "int8", "int8-shared", "edgetpu", "edgetpu-compiled")
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:

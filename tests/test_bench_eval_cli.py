@@ -39,6 +39,10 @@ def test_bench_cli_writes_json_and_plot(tiny_artifacts, tmp_path):
     assert code == 0
     report = json.loads(out.read_text())
     assert set(report["results"]) == {"float", "int8"}
+    int8 = report["results"]["int8"]
+    # short and longer queries are timed separately; the longer ones really are longer
+    assert int8["query_end_to_end_ms"]["n"] == int8["longer_query_end_to_end_ms"]["n"] == 3
+    assert int8["longer_query_tokens"]["max"] > int8["query_tokens"]["max"]
     assert png.read_bytes()[:4] == b"\x89PNG"
 
 

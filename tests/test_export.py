@@ -239,14 +239,40 @@ def test_failed_verification_leaves_nothing(tiny_checkpoint, tmp_path, monkeypat
 
 
 def test_max_open_graphs_bounds_open_files(tiny_artifacts, embedder):
+    # the Interpreter path (no weight cache) runs the per-bucket int8 files
     emb = Embedder(tiny_artifacts, backend="cpu", precision="int8", max_open_graphs=1,
-                   pack_tokens=0)
+                   pack_tokens=0, weight_cache=False)
     texts = ["a", "a much longer text about foxes and the lazy dog " * 2, "b c d e f g h i j k"]
     out = emb.encode_query(texts)
     assert len(emb._interpreters) == 1
-    again = Embedder(tiny_artifacts, backend="cpu", precision="int8", pack_tokens=0)
+    again = Embedder(tiny_artifacts, backend="cpu", precision="int8", pack_tokens=0,
+                     weight_cache=False)
     np.testing.assert_allclose(out, again.encode_query(texts), atol=1e-6)
     assert len(again._interpreters) > 1
+
+
+def test_int8_buckets_share_one_file_through_the_weight_cache(tiny_artifacts, tmp_path):
+    """CompiledModel runs every int8 bucket from the one-file export: one open file,
+    one packed copy of the weights, the same vectors as the per-bucket files."""
+    manifest = json.loads((tiny_artifacts / "manifest.json").read_text())
+    shared = [g for g in manifest["graphs"] if g["role"] == "int8-shared"]
+    per_bucket = [g for g in manifest["graphs"] if g["role"] == "int8"]
+    assert len(shared) == 1 and len(per_bucket) == len(manifest["buckets"]) > 1
+    assert shared[0]["seq_lens"] == manifest["buckets"]
+    assert set(shared[0]["census"]) == set(per_bucket[0]["census"])
+    # the export compared the two on its verification texts
+    assert manifest["verification"]["int8"]["shared_file_max_abs_diff"] <= 1e-5
+    texts = ["a", "a much longer text about foxes and the lazy dog " * 2, "b c d e f g h i j k"]
+    cache = tmp_path / "cache"
+    emb = Embedder(tiny_artifacts, backend="cpu", precision="int8", pack_tokens=0,
+                   weight_cache=cache)
+    out = emb.encode_query(texts)
+    assert len(emb._runners) > 1  # several buckets ran ...
+    assert list(emb._interpreters) == [shared[0]["path"]]  # ... from one file
+    assert len(list(cache.glob("*.xnnpack"))) == 1
+    plain = Embedder(tiny_artifacts, backend="cpu", precision="int8", pack_tokens=0,
+                     weight_cache=False)
+    np.testing.assert_allclose(out, plain.encode_query(texts), atol=1e-6)
 
 
 def test_quick_evaluation_in_manifest(tiny_artifacts):
