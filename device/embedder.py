@@ -229,7 +229,7 @@ class Embedder:
         one-file export of every bucket ("int8-shared": its weights are packed once for
         all buckets), else the role's own graph (per-bucket files for the Interpreter,
         which would pack a multi-signature file once per signature)."""
-        if self.graph_role == "int8" and self._compiled is not None:
+        if self.graph_role == "int8":
             shared = find_graph(self.manifest, "int8-shared", seq_len)
             if shared is not None and self._use_compiled(shared):
                 return shared

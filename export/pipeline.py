@@ -11,6 +11,7 @@ from __future__ import annotations
 import datetime as _dt
 import logging
 import shutil
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -201,8 +202,12 @@ def _add_int8_graphs(stage: Path, manifest: dict[str, Any], core: Any, ck: Check
     """The int8 graphs: role "int8" (CPU) and, where available, "edgetpu" (full int8)."""
     from .quantize import build_cpu_int8
 
-    _add_graphs(stage, manifest, build_cpu_int8(core, stage, options.buckets, options.pool_slots,
-                                                options.mask_penalty, progress=steps.set_description))
+    # the multi-signature float file (convert_float falls back to one file per bucket)
+    multi = [g for g in manifest["graphs"]
+             if g["role"] == "float" and len(g["seq_lens"]) == len(options.buckets) > 1]
+    _add_graphs(stage, manifest, build_cpu_int8(
+        core, stage, options.buckets, options.pool_slots, options.mask_penalty,
+        progress=steps.set_description, shared_from=stage / multi[0]["path"] if multi else None))
     steps.set_description("verifying int8 graph vs sentence-transformers")
     manifest["verification"]["int8"] = verify_artifacts(stage, ck.root, "int8",
                                                         options.int8_min_cosine)
@@ -265,22 +270,16 @@ def _corpus_probe_texts() -> list[str]:
         return []
 
 
-def _shared_int8_embedder(art_dir: Path, precision: str) -> Optional[tuple[Any, Any]]:
-    """(Embedder on the one-file int8 export, its throw-away weight cache folder), or None
-    when there is no such file or LiteRT's CompiledModel cannot run it here."""
-    import tempfile
-
+def _shared_int8_embedder(emb: Any, cache_dir: Path) -> Optional[Any]:
+    """An Embedder that runs the one-file int8 export (weight cache in ``cache_dir``), when
+    ``emb`` (int8, Interpreter path) has one and LiteRT's CompiledModel runs here."""
     from gemma_edge.device import Embedder
-    from gemma_edge.manifest import find_graph, load_manifest
+    from gemma_edge.manifest import find_graph
 
-    if precision != "int8" or find_graph(load_manifest(art_dir), "int8-shared") is None:
+    if emb.graph_role != "int8" or find_graph(emb.manifest, "int8-shared") is None:
         return None
-    cache = tempfile.TemporaryDirectory(prefix="gemma-edge-verify-")
-    emb = Embedder(art_dir, backend="cpu", precision="int8", weight_cache=Path(cache.name))
-    if emb._compiled is None:
-        cache.cleanup()
-        return None
-    return emb, cache
+    shared = Embedder(emb.art_dir, backend="cpu", precision="int8", weight_cache=cache_dir)
+    return shared if shared._compiled is not None else None
 
 
 def verify_artifacts(art_dir: Path, checkpoint_dir: Path, precision: str,
@@ -303,22 +302,22 @@ def verify_artifacts(art_dir: Path, checkpoint_dir: Path, precision: str,
         texts = list(verify.SAMPLE_TEXTS) + verify.length_targeted_texts(count, emb.buckets)
     result: dict[str, Any] = {"texts": len(texts)}
     worst = 1.0
-    shared = _shared_int8_embedder(art_dir, precision)
-    for prompt_name in ("query", "document"):
-        ours = emb.encode(texts, prompt_name=prompt_name)
-        theirs = verify.reference_embeddings(reference, texts, prompt_name)
-        stats = verify.cosine_stats(ours, theirs, emb.mrl_dims)
-        result[prompt_name] = stats
-        worst = min(worst, stats[str(emb.output_dim)]["min"])
-        if shared is not None:  # the one-file int8 export must give the same vectors
-            diff = float(np.abs(shared[0].encode(texts, prompt_name=prompt_name) - ours).max())
-            result["shared_file_max_abs_diff"] = max(diff, result.get(
-                "shared_file_max_abs_diff", 0.0))
-            if diff > 1e-4:
-                raise VerificationError(f"{precision}: the one-file int8 graph differs from the "
-                                        f"per-bucket graphs by {diff:.2e}; nothing was written")
-    if shared is not None:
-        shared[1].cleanup()
+    with tempfile.TemporaryDirectory(prefix="gemma-edge-verify-") as cache:
+        shared = _shared_int8_embedder(emb, Path(cache))
+        for prompt_name in ("query", "document"):
+            ours = emb.encode(texts, prompt_name=prompt_name)
+            theirs = verify.reference_embeddings(reference, texts, prompt_name)
+            stats = verify.cosine_stats(ours, theirs, emb.mrl_dims)
+            result[prompt_name] = stats
+            worst = min(worst, stats[str(emb.output_dim)]["min"])
+            if shared is not None:  # the one-file int8 export must give the same vectors
+                diff = float(np.abs(shared.encode(texts, prompt_name=prompt_name) - ours).max())
+                result["shared_file_max_abs_diff"] = max(
+                    diff, result.get("shared_file_max_abs_diff", 0.0))
+                if diff > 1e-4:
+                    raise VerificationError(
+                        f"{precision}: the one-file int8 graph differs from the per-bucket "
+                        f"graphs by {diff:.2e}; nothing was written")
     result["min_cosine"] = worst
     if worst < min_cosine:
         raise VerificationError(

@@ -210,8 +210,10 @@ def check_fully_int8(model: bytes) -> dict[str, int]:
 
 def build_cpu_int8(core: Any, art_dir: Path, buckets: Sequence[int], slots: int,
                    mask_penalty: float, config: QuantConfig = CPU_INT8,
-                   progress: Optional[Any] = None) -> list[dict[str, Any]]:
-    """Role "int8" graphs, one file per bucket, from per-bucket float conversions."""
+                   progress: Optional[Any] = None,
+                   shared_from: Optional[Path] = None) -> list[dict[str, Any]]:
+    """Role "int8" graphs, one file per bucket, from per-bucket float conversions; with
+    ``shared_from`` (the multi-signature float file) also role "int8-shared" (below)."""
     from .calibration import calibration_set
     from .convert import convert_buckets, graph_entry
     from .encoder import BucketEncoder
@@ -232,13 +234,11 @@ def build_cpu_int8(core: Any, art_dir: Path, buckets: Sequence[int], slots: int,
         entries.append(graph_entry(name, "int8", [seq_len], slots, mask_penalty,
                                    approach=config.approach.value,
                                    census=tensor_dtype_census(quantized)))
-    shared = art_dir / SHARED_INT8
-    if config.approach is Approach.DYNAMIC_INT8 and (art_dir / FLOAT_GRAPH).is_file():
+    if shared_from is not None and config.approach is Approach.DYNAMIC_INT8:
         if progress:
             progress("int8 CPU graph, all buckets in one file: quantising")
-        quantized = quantize_graph((art_dir / FLOAT_GRAPH).read_bytes(),
-                                   f"encode_{buckets[0]}", config, [])
-        atomic_write_bytes(shared, quantized)
+        quantized = quantize_graph(shared_from.read_bytes(), f"encode_{buckets[0]}", config, [])
+        atomic_write_bytes(art_dir / SHARED_INT8, quantized)
         entries.append(graph_entry(SHARED_INT8, "int8-shared", buckets, slots, mask_penalty,
                                    approach=config.approach.value,
                                    census=tensor_dtype_census(quantized)))
@@ -250,6 +250,5 @@ def build_cpu_int8(core: Any, art_dir: Path, buckets: Sequence[int], slots: int,
 # XNNPACK's weight cache then packs those weights once for all buckets (one 108 MB cache
 # file): every bucket open costs ~100 MB less than one file per bucket. The plain
 # Interpreter (no cache: tflite-runtime on boards) packs every signature of a file at
-# once, so it keeps the per-bucket files (docs/quantization.md has both figures).
-FLOAT_GRAPH = "encoder_float.tflite"
+# once, so it keeps the per-bucket files (README, design notes: both figures).
 SHARED_INT8 = "encoder_int8_all.tflite"

@@ -187,18 +187,19 @@ def _convert_segment(module: nn.Module, sample: dict[str, torch.Tensor]) -> byte
                               f"{type(exc).__name__}: {exc}") from exc
 
 
-def quantize_segment(kind: str, pair: tuple[AttentionSegment, MlpSegment], seq_len: int,
+def quantize_segment(kind: str, segment: AttentionSegment | MlpSegment, seq_len: int,
                      hidden: int, feeds: Sequence[dict[str, np.ndarray]],
                      ranges: RangeStatistic = RangeStatistic.MOVING_AVERAGE) -> bytes:
-    """Convert one segment ("attn" or "mlp") and quantise it fully to int8 on ``feeds``."""
+    """Convert one segment ("attn" or "mlp") and quantise it fully to int8 on ``feeds``.
+
+    Takes only that segment (picklable: the export's worker processes receive it)."""
     from .quantize import Approach, QuantConfig, quantize_graph
 
-    attn, mlp = pair
     if kind == "attn":
-        module: nn.Module = _AttnSeg(attn)
+        module: nn.Module = _AttnSeg(segment)
         sample = {"a": torch.zeros(1, 1, seq_len, hidden), "mask": torch.ones(1, seq_len, seq_len)}
     else:
-        module, sample = _MlpSeg(mlp), {"b": torch.zeros(1, 1, seq_len, hidden)}
+        module, sample = _MlpSeg(segment), {"b": torch.zeros(1, 1, seq_len, hidden)}
     return quantize_graph(_convert_segment(module, sample), "segment",
                           QuantConfig(Approach.FULL_INT8, ranges=ranges), feeds)
 
@@ -260,9 +261,10 @@ def build_segmented(core: EncoderCore, out_dir: Path, buckets: Sequence[int],
             if progress:
                 progress(f"segments: bucket {seq_len} equal in float (cos {worst:.7f})")
             inputs = record_segment_inputs(core, scales, segments, calibration[seq_len])
-            jobs = [(i, kind, pool.submit(_quantize_task, kind, pair[1 if kind == "mlp" else 0],
-                                          seq_len, hidden, inputs[(i, kind)]))
-                    for i, pair in enumerate(segments) for kind in ("attn", "mlp")]
+            jobs = [(i, kind, pool.submit(quantize_segment, kind, segment, seq_len, hidden,
+                                          inputs[(i, kind)]))
+                    for i, pair in enumerate(segments)
+                    for kind, segment in zip(("attn", "mlp"), pair)]
             files = []
             census: dict[str, int] = {}
             for i, kind, job in jobs:
@@ -311,10 +313,3 @@ def _segment_pool(workers: int) -> Iterator[Any]:
     with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"),
                              initializer=torch.set_num_threads, initargs=(1,)) as pool:
         yield pool
-
-
-def _quantize_task(kind: str, module: nn.Module, seq_len: int, hidden: int,
-                   feeds: Sequence[dict[str, np.ndarray]]) -> bytes:
-    """One segment, convertible in a worker process (only its own module is sent)."""
-    pair = (module, None) if kind == "attn" else (None, module)
-    return quantize_segment(kind, pair, seq_len, hidden, feeds)  # type: ignore[arg-type]

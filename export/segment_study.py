@@ -80,7 +80,8 @@ def _study(checkpoint: str, art_dir: Path, seq_len: int, smoothing: Any,
         for (i, kind), feeds in tqdm(sorted(inputs.items()), desc="segments", unit="graph"):
             if kind not in kinds:
                 continue
-            data = quantize_segment(kind, segments[i], seq_len, hidden, feeds, ranges)
+            data = quantize_segment(kind, segments[i][KINDS.index(kind)], seq_len, hidden,
+                                    feeds, ranges)
             path = Path(tmp) / f"{kind}_{i}.tflite"
             path.write_bytes(data)
             int8[(i, kind)] = _Segment(Interpreter(model_path=str(path), num_threads=2), str(path))
@@ -139,6 +140,10 @@ def _run(args: Any) -> int:
     if args.mlp_groups < 1:
         from gemma_edge.errors import InputError
         raise InputError(f"--mlp-groups {args.mlp_groups}: at least 1")
+    if args.mlp_host_sum and args.mlp_groups < 2:
+        from gemma_edge.errors import InputError
+        raise InputError("--mlp-host-sum adds the partial outputs of channel groups: "
+                         "give --mlp-groups 2 or more")
     result = study(args.checkpoint, args.artifacts, args.seq_len,
                    Smoothing(*args.smoothing, mlp_groups=args.mlp_groups,
                              mlp_host_sum=args.mlp_host_sum),

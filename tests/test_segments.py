@@ -183,7 +183,7 @@ def test_range_statistics_of_the_calibration(tiny_core, calibration):
     out_scale = {}
     for ranges in (RangeStatistic.MAX, RangeStatistic.MEDIAN, RangeStatistic.MOVING_AVERAGE,
                    RangeStatistic.MSE):
-        data = quantize_segment("mlp", segments[0], BUCKET, tiny_core.spec.hidden_size, feeds,
+        data = quantize_segment("mlp", segments[0][1], BUCKET, tiny_core.spec.hidden_size, feeds,
                                 ranges)
         check_fully_int8(data)
         interp = Interpreter(model_content=data)
@@ -284,7 +284,7 @@ def test_row_blocks_of_one_product_share_one_range(tiny_core, calibration):
     assert {float(r["max"]) for r in ranges.values()} == {len(groups[0]) - 1.0}
     assert {float(r["min"]) for r in ranges.values()} == {-float(len(groups[0]))}
 
-    interp = Interpreter(model_content=quantize_segment("attn", segments[0], BUCKET, hidden,
+    interp = Interpreter(model_content=quantize_segment("attn", segments[0][0], BUCKET, hidden,
                                                         feeds))
     ops = interp._get_ops_details()
     scale = {t["index"]: float(t["quantization"][0]) for t in interp.get_tensor_details()}
