@@ -65,6 +65,39 @@ def _current_rss_mb() -> Optional[float]:
     return pages * os.sysconf("SC_PAGE_SIZE") / (1024.0 * 1024.0)
 
 
+RESIDENT_KINDS = (  # (kind, test on the mapping's path), first match wins
+    ("packed weights (XNNPACK cache)", lambda path: path.endswith(".xnnpack")),
+    ("graph files (.tflite)", lambda path: path.endswith(".tflite")),
+    ("embedding table (.npy)", lambda path: path.endswith(".npy")),
+    ("libraries (.so)", lambda path: ".so" in path.rsplit("/", 1)[-1]),
+    ("heap + anonymous (arenas, tokenizer, Python)", lambda path: path in ("", "[heap]")),
+)
+
+
+def resident_by_kind() -> Optional[dict[str, float]]:
+    """Resident MB per kind of mapping (Linux /proc/self/smaps); None elsewhere.
+
+    Why: peak RSS alone does not say what a smaller budget would have to give up; the
+    split shows the packed int8 weights, the runtime's arenas and the tokenizer (heap),
+    the libraries and the mapped files separately.
+    """
+    try:
+        with open("/proc/self/smaps", encoding="utf-8", errors="replace") as smaps:
+            lines = smaps.readlines()
+    except OSError:
+        return None
+    totals: dict[str, float] = {}
+    kind = "other"
+    for line in lines:
+        head = line.split(None, 5)
+        if head and "-" in head[0] and len(head) >= 5 and ":" in head[3]:  # a mapping line
+            path = head[5].strip() if len(head) == 6 else ""
+            kind = next((name for name, test in RESIDENT_KINDS if test(path)), "other")
+        elif line.startswith("Rss:"):
+            totals[kind] = totals.get(kind, 0.0) + int(line.split()[1]) / 1024.0
+    return {k: round(v, 1) for k, v in totals.items()}
+
+
 def bulk_texts(count: int, seed: int = 0) -> list[str]:
     """Mixed-length documents: mostly short, a tail of long ones (like a notes folder)."""
     rng = np.random.default_rng(seed)
@@ -124,6 +157,7 @@ def measure(artifacts: Path, backend: str, precision: str, runs: int, bulk: int,
         # before the per-bucket sweep opens every graph: a process that embeds documents
         result["peak_rss_after_bulk_mb"] = _peak_rss_mb()
         rss["after_bulk"] = _current_rss_mb()
+    result["resident_by_kind_mb"] = resident_by_kind()
 
     rng = np.random.default_rng(0)
     for seq_len in emb.buckets:  # the graph alone, full bucket of one text
@@ -265,6 +299,11 @@ def print_report(report: dict[str, Any]) -> None:
             print(f"{p}: resident MB by stage: {stages_mb}; peak after the queries "
                   f"{r['peak_rss_after_queries_mb']:.0f} MB; weight cache "
                   f"{'on' if r.get('weight_cache') else 'off'}")
+        kinds = r.get("resident_by_kind_mb")
+        if kinds:
+            print(f"{p}: resident MB by kind after the queries and the bulk documents: "
+                  + ", ".join(f"{k} {v:.0f}" for k, v in sorted(kinds.items(),
+                                                               key=lambda kv: -kv[1])))
         if "bulk_speedup" in r:
             print(f"{p}: bulk {r['bulk_texts']} docs: packed {r['bulk_packed_texts_per_s']:.1f}"
                   f" texts/s, padded {r['bulk_padded_texts_per_s']:.1f} texts/s "

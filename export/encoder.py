@@ -122,7 +122,12 @@ def band_bias(seq_len: int, radius: int, penalty: float) -> torch.Tensor:
 
 
 class RopeTables(NamedTuple):
-    """cos and sign-folded sin for the key heads [T*KV, D] and the query heads [T*H, D]."""
+    """cos and sign-folded sin [T, D] for the keys, and the same as [T, 1, D] for the queries.
+
+    The query tables broadcast over the heads instead of being repeated per head: a
+    third of the constant bytes per bucket (the one-file int8 export holds every
+    bucket's tables, and they are read on every call).
+    """
 
     cos: torch.Tensor
     sin: torch.Tensor
@@ -130,13 +135,12 @@ class RopeTables(NamedTuple):
     sin_q: torch.Tensor
 
 
-def rope_for_heads(seq_len: int, head_dim: int, theta: float, heads: int,
-                   kv_heads: int = 1) -> RopeTables:
+def rope_for_heads(seq_len: int, head_dim: int, theta: float, kv_heads: int = 1) -> RopeTables:
     cos, sin = rope_tables(seq_len, head_dim, theta)
     half = head_dim // 2
     sin = torch.cat([-sin[:, :half], sin[:, half:]], dim=-1)  # rotate_half's sign
     return RopeTables(cos.repeat_interleave(kv_heads, 0), sin.repeat_interleave(kv_heads, 0),
-                      cos.repeat_interleave(heads, 0), sin.repeat_interleave(heads, 0))
+                      cos[:, None, :].contiguous(), sin[:, None, :].contiguous())
 
 
 class RMSNorm(nn.Module):
@@ -190,7 +194,7 @@ class EncoderLayer(nn.Module):
     def _rope(self, x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> torch.Tensor:
         """x * cos + rotate_half(x) * sin, with rotate_half's sign folded into the sin table."""
         half = self.head_dim // 2
-        return x * cos + torch.cat([x[:, half:], x[:, :half]], dim=-1) * sin_signed
+        return x * cos + torch.cat([x[..., half:], x[..., :half]], dim=-1) * sin_signed
 
     def attention(self, h: torch.Tensor, rope: RopeTables, bias: torch.Tensor) -> torch.Tensor:
         """Grouped-query attention with the heads as a batch dimension.
@@ -209,10 +213,10 @@ class EncoderLayer(nn.Module):
         q = qkv[:, :heads * hd]
         k = qkv[:, heads * hd:(heads + kv) * hd]
         v = qkv[:, (heads + kv) * hd:]
-        # Norms and RoPE on [T*H, D] / [T*KV, D] rows: one op each for all heads.
-        q = self._rope(self.q_norm(q.reshape(seq * heads, hd)), rope.cos_q, rope.sin_q)
+        # Norms and RoPE on [T, H, D] / [T*KV, D]: one op each for all heads.
+        q = self._rope(self.q_norm(q.reshape(seq, heads, hd)), rope.cos_q, rope.sin_q)
         k = self._rope(self.k_norm(k.reshape(seq * kv, hd)), rope.cos, rope.sin)
-        q = q.reshape(seq, heads, hd).permute(1, 0, 2)                    # [H, T, D]
+        q = q.permute(1, 0, 2)                                             # [H, T, D]
         keys = k.reshape(seq, kv, hd).permute(1, 2, 0)                    # [KV, D, T]
         values = v.reshape(seq, kv, hd).permute(1, 0, 2)                  # [KV, T, D]
         if kv > 1:  # one KV head per query head; with a single KV head the batch broadcasts
@@ -259,8 +263,7 @@ class BucketEncoder(nn.Module):
         spec = core.spec
         self.is_sliding = [t == "sliding_attention" for t in spec.layer_types]
         for name, theta in (("global", spec.rope_theta_global), ("local", spec.rope_theta_local)):
-            tables = rope_for_heads(seq_len, spec.head_dim, theta, spec.num_heads,
-                                    spec.num_kv_heads)
+            tables = rope_for_heads(seq_len, spec.head_dim, theta, spec.num_kv_heads)
             for field_name, value in zip(RopeTables._fields, tables):
                 self.register_buffer(f"{field_name}_{name}", value, persistent=False)
         self.register_buffer("band", band_bias(seq_len, spec.window_radius, mask_penalty),

@@ -34,7 +34,7 @@ def _add_export(sub: Any) -> None:
                    help="local sentence-transformers directory, or a hub id when online")
     p.add_argument("--out", required=True, type=Path, help="artifacts directory to write")
     p.add_argument("--seq-len", type=int_list, default=None,
-                   help="bucket lengths in tokens (default 16,32,64,128,256,512)")
+                   help="bucket lengths in tokens (default 16,24,32,64,128,256,512)")
     p.add_argument("--pool-slots", type=int, default=None,
                    help="texts one graph run can pool (packing of short texts; default 16)")
     p.add_argument("--no-quantize", action="store_true", help="float graph only")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 
 import numpy as np
 import pytest
@@ -19,6 +20,11 @@ def test_measure_reports_every_figure(tiny_artifacts):
     assert set(result["query_stages_ms"]) == {"tokenize", "lookup", "invoke", "post"}
     assert result["bulk_packed_texts_per_s"] > 0 and result["peak_rss_mb"] > 10
     assert result["graph_role"] == "int8"
+    kinds = result["resident_by_kind_mb"]
+    if sys.platform.startswith("linux"):  # the split adds up to the resident set
+        assert kinds["libraries (.so)"] > 1 and kinds["packed weights (XNNPACK cache)"] > 0
+        total = sum(kinds.values())
+        assert abs(total - result["rss_stages_mb"]["after_bulk"]) < 0.1 * total
 
 
 def _report(float_ms: float, int8_ms: float) -> dict:
