@@ -247,8 +247,8 @@ def build_cpu_int8(core: Any, art_dir: Path, buckets: Sequence[int], slots: int,
 
 # The float export is one multi-signature file whose buckets share every weight buffer;
 # quantised as a whole it stays so (132 MB for the seven default buckets). LiteRT's
-# CompiledModel with XNNPACK's weight cache then packs those weights once for all buckets (one 108 MB cache
-# file): every bucket open costs ~100 MB less than one file per bucket. The plain
+# CompiledModel with XNNPACK's weight cache then packs those weights once for all buckets
+# (one 108 MB cache file): every bucket open costs ~100 MB less than one file per bucket. The plain
 # Interpreter (no cache: tflite-runtime on boards) packs every signature of a file at
 # once, so it keeps the per-bucket files (README, design notes: both figures).
 SHARED_INT8 = "encoder_int8_all.tflite"
