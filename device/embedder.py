@@ -1,7 +1,7 @@
 """``Embedder``: text in, L2-normalised EmbeddingGemma vectors out, on the device.
 
 Host side of every inference: prompt, tokenise, choose a bucket (or pack short
-texts together), look rows up in the memory-mapped table, run the graph, then
+texts together), read their rows from the on-disk table, run the graph, then
 MRL-truncate and re-normalise. The graph does the encoder, pooling, both Dense
 layers and the L2 norm.
 """

@@ -70,7 +70,8 @@ def release_file_pages(path: Path) -> int:
     pack them into its own buffers, and the file's pages then stay resident (~110 MB
     for an int8 graph) although no kernel reads them again. MADV_DONTNEED on a
     read-only file mapping only unmaps the pages: an op that still reads a constant
-    faults it back in from the page cache, so results cannot change. Linux only
+    faults it back in from the page cache, so results cannot change (writable mappings
+    are left alone). Linux only
     (reads /proc/self/maps); elsewhere a no-op. No library offers this.
     """
     if not sys.platform.startswith("linux"):
@@ -89,7 +90,8 @@ def release_file_pages(path: Path) -> int:
     released = 0
     for line in lines:
         parts = line.split(None, 5)
-        if len(parts) == 6 and parts[5].strip() == target and parts[1].startswith("r"):
+        # read-only mappings only: on a writable private one DONTNEED would drop changes
+        if len(parts) == 6 and parts[5].strip() == target and parts[1][:2] == "r-":
             start, end = (int(x, 16) for x in parts[0].split("-"))
             if madvise(start, end - start, _MADV_DONTNEED) == 0:
                 released += end - start

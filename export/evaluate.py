@@ -3,7 +3,9 @@
 Against float sentence-transformers on the project's held-out multilingual
 retrieval set (never used for calibration): per-text cosine (mean, min, 1st
 percentile), retrieval Recall@1 / MRR / nDCG@10 float vs quantised, per MRL dim
-and per query language, and optionally a per-layer sensitivity report (SNR of
+and per query language; for graphs whose largest bucket cuts texts the reference
+embeds whole (the full-int8 segments stop at 256 tokens), also the cosine against
+the reference cut at the same length; and optionally a per-layer sensitivity report (SNR of
 every tensor of the quantised graph vs the float graph, grouped by layer and op
 group). Writes JSON and a PNG chart.
 """
@@ -12,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import re
+import time
 from collections import defaultdict
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -49,6 +52,7 @@ def evaluate(art_dir: Path, checkpoint_dir: Path, precisions: Sequence[str],
     d_texts = _doc_texts(docs)
 
     max_tokens = max(manifest["buckets"])
+    started = time.perf_counter()
     reference = verify.reference_model(Path(checkpoint_dir), max_tokens)
     ref_q = verify.reference_embeddings(reference, q_texts, "query")
     ref_d = verify.reference_embeddings(reference, d_texts, None)
@@ -56,13 +60,21 @@ def evaluate(art_dir: Path, checkpoint_dir: Path, precisions: Sequence[str],
                               "pack_tokens": pack_tokens,
                               "dims": dims, "precisions": {}}
     langs = sorted({q["lang"] for q in queries})
+    report["seconds"] = {"reference": time.perf_counter() - started}
     for precision in precisions:
         if not graphs_for_role(manifest, PRECISION_ROLE[precision]):
             continue
+        started = time.perf_counter()
         emb = Embedder(art_dir, backend="cpu", precision=precision, weight_cache=False,
                        pack_tokens=pack_tokens)
         ours_q = emb.encode_query(q_texts)
         ours_d = emb.encode(d_texts, prompt="")
+        # A graph set with a smaller largest bucket (the full-int8 segments: 256 tokens)
+        # truncates the texts the reference embeds whole: their cosine mixes the length
+        # limit with the quantisation error. The same texts against the reference cut at
+        # the same length separate the two.
+        same = _reference_at_length(reference, emb, q_texts, d_texts, ref_q, ref_d) \
+            if emb.max_tokens < max_tokens else None
         per_dim: dict[str, Any] = {}
         for dim in dims:
             rq, rd = truncate_dim(ref_q, dim), truncate_dim(ref_d, dim)
@@ -70,14 +82,19 @@ def evaluate(art_dir: Path, checkpoint_dir: Path, precisions: Sequence[str],
             cos = np.concatenate([verify.cosine_rows(oq, rq), verify.cosine_rows(od, rd)])
             ref_scores, our_scores = rq @ rd.T, oq @ od.T
             entry = {
-                "cosine": {"mean": float(cos.mean()), "min": float(cos.min()),
-                           "p1": float(np.percentile(cos, 1))},
+                "cosine": _cosine_stats(cos),
                 "reference": retrieval_metrics(ref_scores, relevant),
                 "ours": retrieval_metrics(our_scores, relevant),
                 "same_top10_order": same_ranking_share(ref_scores, our_scores),
                 "per_language": {},
             }
             entry["mrr_delta"] = entry["ours"]["mrr"] - entry["reference"]["mrr"]
+            if same is not None:
+                sq, sd, truncated = same
+                cut = np.concatenate([verify.cosine_rows(oq, truncate_dim(sq, dim)),
+                                      verify.cosine_rows(od, truncate_dim(sd, dim))])
+                entry["cosine_same_tokens"] = {**_cosine_stats(cut), "max_tokens": emb.max_tokens,
+                                               "truncated_texts": truncated}
             for lang in langs:
                 rows = [i for i, q in enumerate(queries) if q["lang"] == lang]
                 sub = [relevant[i] for i in rows]
@@ -87,7 +104,40 @@ def evaluate(art_dir: Path, checkpoint_dir: Path, precisions: Sequence[str],
                     "ours_mrr": retrieval_metrics(our_scores[rows], sub)["mrr"]}
             per_dim[str(dim)] = entry
         report["precisions"][precision] = per_dim
+        report["seconds"][precision] = time.perf_counter() - started
     return report
+
+
+def _cosine_stats(cos: np.ndarray) -> dict[str, float]:
+    return {"mean": float(cos.mean()), "min": float(cos.min()),
+            "p1": float(np.percentile(cos, 1))}
+
+
+def _reference_at_length(reference: Any, emb: Any, q_texts: Sequence[str],
+                         d_texts: Sequence[str], ref_q: np.ndarray, ref_d: np.ndarray
+                         ) -> tuple[np.ndarray, np.ndarray, int]:
+    """Reference embeddings with every text cut at ``emb.max_tokens`` (as the Embedder
+    cuts it: BOS and EOS kept), and how many texts that changes. Only the cut texts are
+    re-embedded."""
+    from . import verify
+
+    out, truncated = [], 0
+    for texts, ref, prompt_name in ((q_texts, ref_q, "query"), (d_texts, ref_d, None)):
+        prompt = emb.prompts.get(prompt_name, "") if prompt_name else ""
+        _, cut = emb.tokenizer.encode([prompt + t for t in texts], emb.max_tokens)
+        rows = [i for i, c in enumerate(cut) if c]
+        ref = ref.copy()
+        if rows:
+            saved = reference.max_seq_length
+            reference.max_seq_length = emb.max_tokens
+            try:
+                ref[rows] = verify.reference_embeddings(reference, [texts[i] for i in rows],
+                                                        prompt_name)
+            finally:
+                reference.max_seq_length = saved
+        out.append(ref)
+        truncated += len(rows)
+    return out[0], out[1], truncated
 
 
 # -- per-layer sensitivity ------------------------------------------------------------------
@@ -160,6 +210,8 @@ def sensitivity(checkpoint_dir: Path, art_dir: Path, precision: str, seq_len: in
 # -- report ---------------------------------------------------------------------------------
 def print_report(report: dict[str, Any]) -> None:
     print(f"held-out set: {report['queries']} queries, {report['documents']} documents")
+    if report.get("seconds"):
+        print("seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in report["seconds"].items()))
     for precision, per_dim in report["precisions"].items():
         for dim, e in per_dim.items():
             c, r, o = e["cosine"], e["reference"], e["ours"]
@@ -167,6 +219,11 @@ def print_report(report: dict[str, Any]) -> None:
                   f"p1 {c['p1']:.4f} | MRR {o['mrr']:.4f} (float ST {r['mrr']:.4f}, "
                   f"delta {e['mrr_delta']:+.4f}) R@1 {o['recall@1']:.3f} "
                   f"nDCG@10 {o['ndcg@10']:.4f} | same top-10 {e['same_top10_order']:.2f}")
+            same = e.get("cosine_same_tokens")
+            if same:
+                print(f"{'':>17} against float on the same {same['max_tokens']} tokens "
+                      f"({same['truncated_texts']} texts cut): cosine mean {same['mean']:.4f} "
+                      f"min {same['min']:.4f} p1 {same['p1']:.4f}")
 
 
 def plot_report(report: dict[str, Any], path: Path) -> None:
@@ -182,6 +239,10 @@ def plot_report(report: dict[str, Any], path: Path) -> None:
         dims = [int(d) for d in per_dim]
         left.plot(dims, [per_dim[str(d)]["ours"]["mrr"] for d in dims], "o-", label=precision)
         right.plot(dims, [per_dim[str(d)]["cosine"]["min"] for d in dims], "o-", label=precision)
+        same = [per_dim[str(d)].get("cosine_same_tokens") for d in dims]
+        if all(same):
+            right.plot(dims, [x["min"] for x in same], "o:",  # type: ignore[index]
+                       label=f"{precision}, float cut at {same[0]['max_tokens']} tokens")  # type: ignore[index]
     any_prec = next(iter(report["precisions"].values()), {})
     dims = [int(d) for d in any_prec]
     if dims:

@@ -3,7 +3,7 @@
 Every stage is checked against the reference the user would otherwise run
 (``SentenceTransformer(checkpoint).encode``): the PyTorch re-implementation, then
 the TFLite graph through the very device code path (``gemma_edge.device.Embedder``:
-tokenizer, memory-mapped table, bucketing, graph, MRL).
+tokenizer, on-disk table, bucketing, graph, MRL).
 """
 
 from __future__ import annotations

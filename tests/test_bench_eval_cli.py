@@ -67,6 +67,30 @@ def test_eval_on_heldout(tiny_artifacts, tiny_checkpoint, tmp_path):
     assert alone["precisions"]["float"]["128"]["cosine"]["min"] > 0.9999
 
 
+def test_eval_separates_the_length_limit(tiny_artifacts, tiny_checkpoint, tmp_path):
+    """A graph set stopping at 32 tokens cuts texts the reference embeds up to 64: against
+    the reference cut at 32 the float graphs are exact again, and only the cut texts
+    differ between the two figures."""
+    import json
+    import shutil
+
+    from gemma_edge.export.evaluate import evaluate
+
+    art = tmp_path / "short-float"
+    shutil.copytree(tiny_artifacts, art)
+    manifest = json.loads((art / "manifest.json").read_text())
+    for graph in manifest["graphs"]:
+        if graph["role"] == "float":
+            graph["seq_lens"] = [s for s in graph["seq_lens"] if s <= 32]
+    (art / "manifest.json").write_text(json.dumps(manifest))
+    entry = evaluate(art, tiny_checkpoint, ["float"], dims=[256])["precisions"]["float"]["256"]
+    same = entry["cosine_same_tokens"]
+    assert same["max_tokens"] == 32 and same["truncated_texts"] > 0
+    assert same["min"] > 0.9999 and entry["cosine"]["min"] < 0.999
+    whole = evaluate(tiny_artifacts, tiny_checkpoint, ["float"], dims=[256])
+    assert "cosine_same_tokens" not in whole["precisions"]["float"]["256"]
+
+
 def test_embed_cli(tiny_artifacts, tmp_path, capsys):
     src = tmp_path / "in.jsonl"
     src.write_text('{"text": "hello"}\n{"text": "world"}\n', encoding="utf-8")

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from gemma_edge.device import runtime
+from gemma_edge.device import table as table_module
 from gemma_edge.device.runtime import default_threads, release_file_pages
 from gemma_edge.device.table import EmbeddingTable, quantize_rows_int8
 from gemma_edge.errors import ArtifactError
@@ -22,17 +23,23 @@ def _write_table(tmp_path, rows, version=None):
     return {"path": "t.npy", "scales": "s.npy"}
 
 
+@pytest.mark.parametrize("pread", [True, False])
 @pytest.mark.parametrize("version", [None, (2, 0)])
-def test_lookup_is_exact_and_survives_release(tmp_path, version):
+def test_lookup_is_exact_and_maps_nothing(tmp_path, monkeypatch, version, pread):
+    """Rows come back exact, repeated ids too; with os.pread no page of the table is
+    resident in the process (large page-cache folios made a mapped lookup of a few rows
+    cost MBs); without it (Windows) the mapped fallback gives the same rows."""
+    if not pread:
+        monkeypatch.delattr(table_module.os, "pread", raising=False)
     rng = np.random.default_rng(0)
     rows = rng.normal(size=(300, 24)).astype(np.float32)
     table = EmbeddingTable(tmp_path, _write_table(tmp_path, rows, version))
     q, scales = quantize_rows_int8(rows)
-    ids = [5, 0, 299, 5]
-    for _ in range(2):  # the second lookup reads pages released after the first
-        np.testing.assert_array_equal(table.lookup(ids), q[ids] * scales[ids, None])
-        if sys.platform.startswith("linux") and hasattr(mmap.mmap, "madvise"):
-            assert _resident_kib(tmp_path / "t.npy") == 0  # released after the lookup
+    for ids in ([5, 0, 299, 5], [7], []):
+        expected = (q[ids] * scales[ids, None]).reshape(len(ids), 24)
+        np.testing.assert_array_equal(table.lookup(ids), expected)
+    if pread and sys.platform.startswith("linux"):
+        assert _resident_kib(tmp_path / "t.npy") == 0
     assert (table.vocab_size, table.dim) == (300, 24)
     with pytest.raises(ArtifactError, match="outside the table"):
         table.lookup([300])
@@ -40,8 +47,16 @@ def test_lookup_is_exact_and_survives_release(tmp_path, version):
 
 def test_unreadable_table_is_explained(tmp_path):
     (tmp_path / "t.npy").write_bytes(b"not a numpy file")
-    with pytest.raises(ArtifactError, match="t.npy: cannot map"):
+    with pytest.raises(ArtifactError, match="t.npy: cannot read"):
         EmbeddingTable(tmp_path, {"path": "t.npy"})
+
+
+def test_truncated_table_is_explained(tmp_path):
+    spec = _write_table(tmp_path, np.ones((50, 8), dtype=np.float32))
+    data = (tmp_path / "t.npy").read_bytes()
+    (tmp_path / "t.npy").write_bytes(data[:-100])
+    with pytest.raises(ArtifactError, match="t.npy: cannot read.*truncated"):
+        EmbeddingTable(tmp_path, spec)
 
 
 def _resident_kib(path) -> int:
@@ -68,6 +83,18 @@ def test_release_file_pages_drops_resident_pages(tmp_path):
     assert int(data.sum()) == checksum  # contents come back from the page cache
     assert release_file_pages(tmp_path / "not-mapped.bin") == 0
     del data
+    mapped.close()
+
+
+def test_release_file_pages_leaves_writable_mappings(tmp_path):
+    """A private writable mapping's changed pages would be lost to DONTNEED: not touched."""
+    path = tmp_path / "w.bin"
+    path.write_bytes(bytes(1 << 20))
+    with open(path, "r+b") as f:
+        mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+    mapped[:4] = b"edit"
+    assert release_file_pages(path) == 0
+    assert mapped[:4] == b"edit"
     mapped.close()
 
 
