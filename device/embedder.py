@@ -367,8 +367,11 @@ class Embedder:
         ids, truncated = self.tokenizer.encode(full, self.max_tokens)
         self.stage_seconds["tokenize"] += time.perf_counter() - t0
         if any(truncated):
-            log.warning("%d of %d texts exceed %d tokens and were truncated",
-                        sum(truncated), len(texts), self.max_tokens)
+            longest = max([int(b) for b in self.manifest.get("buckets", [])] or [0])
+            hint = (f" (the {self.graph_role} graphs stop there; precision 'int8' or 'float' "
+                    f"takes up to {longest})" if longest > self.max_tokens else "")
+            log.warning("%d of %d texts exceed %d tokens and were truncated%s",
+                        sum(truncated), len(texts), self.max_tokens, hint)
         vectors = self.embed_ids(ids)
         t1 = time.perf_counter()
         vectors = truncate_dim(vectors, dim)

@@ -3,6 +3,7 @@ the device's host loop (tiny random model, no real checkpoint)."""
 
 from __future__ import annotations
 
+import logging
 from collections import Counter
 from pathlib import Path
 
@@ -79,7 +80,8 @@ def test_float_check_catches_a_wrong_rewrite(tiny_core, calibration):
         check_float(tiny_core, scales, segments, calibration[BUCKET])
 
 
-def test_export_writes_fully_int8_segments_the_embedder_runs(tiny_checkpoint, tmp_path, capsys):
+def test_export_writes_fully_int8_segments_the_embedder_runs(tiny_checkpoint, tmp_path, capsys,
+                                                               caplog):
     from gemma_edge.compile.mapper import analyze
     from gemma_edge.device import Embedder
     from gemma_edge.export.pipeline import ExportOptions, run_export
@@ -132,6 +134,21 @@ def test_export_writes_fully_int8_segments_the_embedder_runs(tiny_checkpoint, tm
     # packed (several texts per bucket) equals one by one
     single = np.stack([emb.encode_query([t])[0] for t in texts])
     np.testing.assert_allclose(single, ours, atol=2e-2)
+    # the segments stop at 32 tokens, the float graphs at 32 too: a plain warning
+    with caplog.at_level(logging.WARNING, logger="gemma_edge.device"):
+        emb.encode_query(["word " * 100])
+    assert "truncated" in caplog.text and "takes up to" not in caplog.text
+
+
+def test_truncation_warning_names_the_longer_graphs(tiny_artifacts, caplog):
+    """The segments stop at 32 tokens while the CPU graphs take 64: the warning says so."""
+    from gemma_edge.device import Embedder
+
+    emb = Embedder(tiny_artifacts, backend="cpu", precision="full-int8")
+    with caplog.at_level(logging.WARNING, logger="gemma_edge.device"):
+        emb.encode_query(["word " * 100])
+    assert "exceed 32 tokens and were truncated" in caplog.text
+    assert "takes up to 64" in caplog.text
 
 
 def test_segment_study_measures_one_recipe(tiny_checkpoint, tiny_artifacts):
