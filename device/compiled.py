@@ -28,8 +28,7 @@ import numpy as np
 
 from gemma_edge.errors import ArtifactError
 
-from . import runtime
-from .runtime import match_inputs
+from .runtime import match_inputs, release_file_pages
 
 log = logging.getLogger("gemma_edge.device")
 
@@ -109,7 +108,7 @@ class CompiledGraphs:
             raise ArtifactError(f"{graph_file}: the LiteRT runtime cannot load it "
                                 f"({str(exc).strip()}); re-export or check the file") from exc
         # The open read the flatbuffer's tables; their pages are faulted back in if needed.
-        runtime.release_file_pages(graph_file)
+        release_file_pages(graph_file)
         if building:
             if target.exists():
                 os.replace(target, final)  # the open mapping follows the inode

@@ -71,8 +71,8 @@ def release_file_pages(path: Path) -> int:
     for an int8 graph) although no kernel reads them again. MADV_DONTNEED on a
     read-only file mapping only unmaps the pages: an op that still reads a constant
     faults it back in from the page cache, so results cannot change (writable mappings
-    are left alone). Linux only
-    (reads /proc/self/maps); elsewhere a no-op. No library offers this.
+    are left alone). Linux only (reads /proc/self/maps); elsewhere a no-op. No library
+    offers this.
     """
     if not sys.platform.startswith("linux"):
         return 0

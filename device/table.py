@@ -46,21 +46,23 @@ class _RowFile:
         if os.path.getsize(path) < needed:
             raise ValueError(f"file holds {os.path.getsize(path)} bytes, its header says "
                              f"{needed}: truncated")
-        self._fd = os.open(path, os.O_RDONLY | getattr(os, "O_BINARY", 0))
-        self._mapped = None if hasattr(os, "pread") else np.load(path, mmap_mode="r")
+        self._mapped = None
+        if hasattr(os, "pread"):
+            self._fd = os.open(path, os.O_RDONLY)
+        else:
+            self._mapped = np.load(path, mmap_mode="r")
 
     def read(self, ids: np.ndarray) -> np.ndarray:
-        """Rows ``ids`` (int64, in range) as a new array."""
+        """Rows ``ids`` (int64, in range, each once: one read per id) as a new array."""
         if self._mapped is not None:
             return np.array(self._mapped[ids])
-        unique, inverse = np.unique(ids, return_inverse=True)
         chunks = [os.pread(self._fd, self.row_bytes, self.offset + int(i) * self.row_bytes)
-                  for i in unique]
+                  for i in ids]
         if any(len(c) != self.row_bytes for c in chunks):
             raise ArtifactError(f"{self.path}: short read; the file changed or is damaged, "
                                 "copy the artifacts again")
         rows = np.frombuffer(b"".join(chunks), dtype=self.dtype)
-        return rows.reshape((len(unique),) + self.shape[1:])[inverse.reshape(-1)]
+        return rows.reshape((len(ids),) + self.shape[1:])
 
     def close(self) -> None:
         if self._fd >= 0:
@@ -95,10 +97,12 @@ class EmbeddingTable:
         if index.min() < 0 or index.max() >= self.vocab_size:
             raise ArtifactError(f"token id {int(index.max())} outside the table "
                                 f"({self.vocab_size} rows): tokenizer and table do not match")
-        rows = self.rows.read(index).astype(np.float32)
+        # each distinct token is read (and scaled) once, then spread to its positions
+        unique, inverse = np.unique(index, return_inverse=True)
+        rows = self.rows.read(unique).astype(np.float32)
         if self.scales is not None:
-            rows *= self.scales.read(index).astype(np.float32)[:, None]
-        return rows
+            rows *= self.scales.read(unique).astype(np.float32)[:, None]
+        return rows[inverse.reshape(-1)]
 
 
 def quantize_rows_int8(table: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

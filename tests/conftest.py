@@ -40,3 +40,21 @@ def tiny_artifacts(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFacto
     run_export(str(tiny_checkpoint), out,
                ExportOptions(buckets=TINY_BUCKETS, pool_slots=4, edgetpu_buckets=(32,)))
     return out
+
+
+def _resident_kib(path: Path) -> int:
+    """This process's resident KiB of mappings of ``path`` (/proc/self/smaps; Linux)."""
+    total, inside = 0, False
+    with open("/proc/self/smaps", encoding="utf-8") as smaps:
+        for line in smaps:
+            if "-" in line.split(" ", 1)[0] and len(line.split()) >= 5:
+                inside = line.split()[-1] == str(path)
+            elif inside and line.startswith("Rss:"):
+                total += int(line.split()[1])
+    return total
+
+
+@pytest.fixture
+def resident_kib():
+    """``resident_kib(path)``: how much of a file this test process holds resident."""
+    return _resident_kib

@@ -25,7 +25,8 @@ def _write_table(tmp_path, rows, version=None):
 
 @pytest.mark.parametrize("pread", [True, False])
 @pytest.mark.parametrize("version", [None, (2, 0)])
-def test_lookup_is_exact_and_maps_nothing(tmp_path, monkeypatch, version, pread):
+def test_lookup_is_exact_and_maps_nothing(tmp_path, monkeypatch, version, pread,
+                                          resident_kib):
     """Rows come back exact, repeated ids too; with os.pread no page of the table is
     resident in the process (large page-cache folios made a mapped lookup of a few rows
     cost MBs); without it (Windows) the mapped fallback gives the same rows."""
@@ -39,7 +40,7 @@ def test_lookup_is_exact_and_maps_nothing(tmp_path, monkeypatch, version, pread)
         expected = (q[ids] * scales[ids, None]).reshape(len(ids), 24)
         np.testing.assert_array_equal(table.lookup(ids), expected)
     if pread and sys.platform.startswith("linux"):
-        assert _resident_kib(tmp_path / "t.npy") == 0
+        assert resident_kib(tmp_path / "t.npy") == 0
     assert (table.vocab_size, table.dim) == (300, 24)
     with pytest.raises(ArtifactError, match="outside the table"):
         table.lookup([300])
@@ -59,27 +60,36 @@ def test_truncated_table_is_explained(tmp_path):
         EmbeddingTable(tmp_path, spec)
 
 
-def _resident_kib(path) -> int:
-    total, inside = 0, False
-    for line in open("/proc/self/smaps", encoding="utf-8"):
-        if "-" in line.split(" ", 1)[0] and len(line.split()) >= 5:
-            inside = line.rstrip().endswith(str(path))
-        elif inside and line.startswith("Rss:"):
-            total += int(line.split()[1])
-    return total
+@pytest.mark.skipif(not hasattr(table_module.os, "pread"), reason="the pread path")
+def test_table_cut_short_after_open_is_explained(tmp_path):
+    spec = _write_table(tmp_path, np.ones((50, 8), dtype=np.float32))
+    table = EmbeddingTable(tmp_path, spec)
+    size = (tmp_path / "t.npy").stat().st_size
+    with open(tmp_path / "t.npy", "r+b") as f:
+        f.truncate(size - 8 * 10)  # the last ten rows
+    table.lookup([0, 39])
+    with pytest.raises(ArtifactError, match="t.npy: short read"):
+        table.lookup([45])
+
+
+def test_scales_of_another_table_are_refused(tmp_path):
+    spec = _write_table(tmp_path, np.ones((50, 8), dtype=np.float32))
+    np.save(tmp_path / "s.npy", np.ones(49, dtype=np.float32))
+    with pytest.raises(ArtifactError, match=r"s.npy: \(49,\) scales for 50 rows"):
+        EmbeddingTable(tmp_path, spec)
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/maps")
-def test_release_file_pages_drops_resident_pages(tmp_path):
+def test_release_file_pages_drops_resident_pages(tmp_path, resident_kib):
     path = tmp_path / "graph.bin"
     path.write_bytes(np.arange(2 << 20, dtype=np.uint8).tobytes())  # 2 MiB
     with open(path, "rb") as f:
         mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
     data = np.frombuffer(mapped, dtype=np.uint8)
     checksum = int(data.sum())  # touch every page
-    assert _resident_kib(path) >= 2000
+    assert resident_kib(path) >= 2000
     assert release_file_pages(path) >= 2 << 20
-    assert _resident_kib(path) == 0
+    assert resident_kib(path) == 0
     assert int(data.sum()) == checksum  # contents come back from the page cache
     assert release_file_pages(tmp_path / "not-mapped.bin") == 0
     del data

@@ -119,20 +119,8 @@ def test_broken_compiled_runtime_falls_back_to_interpreter(tiny_artifacts, tmp_p
     assert emb.encode_query(["hello"]).shape == (1, emb.output_dim)
 
 
-def _resident_kib(path) -> int:
-    """This process's resident KiB of mappings of ``path`` (/proc/self/smaps)."""
-    total, inside = 0, False
-    with open("/proc/self/smaps", encoding="utf-8") as smaps:
-        for line in smaps:
-            if "-" in line.split(" ", 1)[0] and len(line.split()) >= 5:
-                inside = line.split()[-1] == str(path)
-            elif inside and line.startswith("Rss:"):
-                total += int(line.split()[1])
-    return total
-
-
 @pytest.mark.skipif(not os.path.exists("/proc/self/smaps"), reason="Linux only")
-def test_graph_file_pages_released_after_open(tiny_artifacts, tmp_path):
+def test_graph_file_pages_released_after_open(tiny_artifacts, tmp_path, resident_kib):
     """The graph file's pages LiteRT reads at open leave the process (the packed weights
     come from the cache file), whether the cache is packed now or mapped; runs read back
     only the constants XNNPACK does not pack; the vectors are unchanged."""
@@ -143,7 +131,7 @@ def test_graph_file_pages_released_after_open(tiny_artifacts, tmp_path):
                        weight_cache=tmp_path / "wc")
         runner = emb.runner(emb.buckets[0])  # opens the file, no run yet
         graph_file = (tiny_artifacts / emb._runner_path[emb.buckets[0]]).resolve()
-        assert isinstance(runner, CompiledGraphRunner) and _resident_kib(graph_file) == 0
+        assert isinstance(runner, CompiledGraphRunner) and resident_kib(graph_file) == 0
         for _ in range(2):
             np.testing.assert_allclose(emb.encode_query(QUERIES), reference, atol=1e-6)
-        assert _resident_kib(graph_file) < graph_file.stat().st_size / 1024 / 2
+        assert resident_kib(graph_file) < graph_file.stat().st_size / 1024 / 2
