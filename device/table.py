@@ -97,12 +97,14 @@ class EmbeddingTable:
         if index.min() < 0 or index.max() >= self.vocab_size:
             raise ArtifactError(f"token id {int(index.max())} outside the table "
                                 f"({self.vocab_size} rows): tokenizer and table do not match")
-        # each distinct token is read (and scaled) once, then spread to its positions
+        # each distinct token is read once, then spread to its positions while still
+        # 8/16-bit (gathering the float32 rows instead took twice as long at 512 tokens)
         unique, inverse = np.unique(index, return_inverse=True)
-        rows = self.rows.read(unique).astype(np.float32)
+        inverse = inverse.reshape(-1)
+        rows = self.rows.read(unique)[inverse].astype(np.float32)
         if self.scales is not None:
-            rows *= self.scales.read(unique).astype(np.float32)[:, None]
-        return rows[inverse.reshape(-1)]
+            rows *= self.scales.read(unique)[inverse].astype(np.float32)[:, None]
+        return rows
 
 
 def quantize_rows_int8(table: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
