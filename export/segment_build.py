@@ -94,6 +94,7 @@ def host_constants(core: EncoderCore, scales: Sequence[LayerScales]) -> dict[str
         "k_scale": np.stack([s.k for s in scales]),
         "act_groups": np.stack([s.act_groups if s.act_groups is not None
                                 else np.zeros(len(s.act), np.int32) for s in scales]),
+        "act_split": np.array([s.act_split for s in scales], np.float32),
         "post_attn_gain": np.stack([f32(layer.post_attn_norm.gain) for layer in core.layers]),
         "post_ff_gain": np.stack([f32(layer.post_ff_norm.gain) for layer in core.layers]),
         "dense_count": np.int32(len(core.dense)),
@@ -111,7 +112,8 @@ def scales_from_host(host: dict[str, np.ndarray]) -> list[LayerScales]:
     return [LayerScales(host["attn_in"][i], host["v_scale"][i], host["attn_out"][i],
                         host["ff_in"][i], host["act_scale"][i], host["ff_out"][i],
                         host["q_scale"][i], host["k_scale"][i],
-                        host["act_groups"][i] if "act_groups" in host else None)
+                        host["act_groups"][i] if "act_groups" in host else None,
+                        float(host["act_split"][i]) if "act_split" in host else 0.0)
             for i in range(len(host["attn_in"]))]
 
 
@@ -195,13 +197,19 @@ def quantize_segment(kind: str, segment: AttentionSegment | MlpSegment, seq_len:
     Takes only that segment (picklable: the export's worker processes receive it)."""
     from .quantize import Approach, QuantConfig, quantize_graph
 
+    return quantize_graph(float_segment(kind, segment, seq_len, hidden), "segment",
+                          QuantConfig(Approach.FULL_INT8, ranges=ranges), feeds)
+
+
+def float_segment(kind: str, segment: AttentionSegment | MlpSegment, seq_len: int,
+                  hidden: int) -> bytes:
+    """The float TFLite graph of one segment (signature "segment"), before quantisation."""
     if kind == "attn":
         module: nn.Module = _AttnSeg(segment)
         sample = {"a": torch.zeros(1, 1, seq_len, hidden), "mask": torch.ones(1, seq_len, seq_len)}
     else:
         module, sample = _MlpSeg(segment), {"b": torch.zeros(1, 1, seq_len, hidden)}
-    return quantize_graph(_convert_segment(module, sample), "segment",
-                          QuantConfig(Approach.FULL_INT8, ranges=ranges), feeds)
+    return _convert_segment(module, sample)
 
 
 @torch.no_grad()

@@ -37,6 +37,26 @@ def heldout_inputs(art_dir: Path, seq_len: int, count: int) -> list[dict[str, np
     return [_inputs(emb, [i], seq_len) for i in ids]
 
 
+def full_bucket_inputs(art_dir: Path, seq_len: int, count: int) -> list[dict[str, np.ndarray]]:
+    """Held-out documents of at least ``seq_len`` tokens, cut to it: every row a real token.
+
+    For per-tensor comparisons: padding rows are masked out of the result, but their
+    intermediate values (rows with nothing visible) would dominate a tensor's error."""
+    from gemma_edge.datasets import load_heldout
+    from gemma_edge.device import Embedder
+    from gemma_edge.errors import InputError
+
+    from .calibration import _inputs
+
+    emb = Embedder(art_dir, backend="cpu", precision="float")
+    _, docs = load_heldout()
+    ids, _ = emb.tokenizer.encode([f"title: none | text: {d['text']}" for d in docs], 10**6)
+    full = [list(i[:seq_len - 1]) + [i[-1]] for i in ids if len(i) >= seq_len][:count]
+    if not full:
+        raise InputError(f"no held-out document has {seq_len} tokens: use a smaller --seq-len")
+    return [_inputs(emb, [i], seq_len) for i in full]
+
+
 def study(checkpoint: str, art_dir: Path, seq_len: int, smoothing: Any,
           calibration: int, texts: int, kinds: Sequence[str],
           ladder: Optional[Sequence[int]] = None,
@@ -105,6 +125,50 @@ def _study(checkpoint: str, art_dir: Path, seq_len: int, smoothing: Any,
             "cosine_min": float(values.min()), "cosine_p1": float(np.percentile(values, 1))}
 
 
+def tensor_study(checkpoint: str, art_dir: Path, seq_len: int, smoothing: Any,
+                 calibration: int, texts: int, kinds: Sequence[str], layers: Sequence[int],
+                 ranges: RangeStatistic = RangeStatistic.MOVING_AVERAGE
+                 ) -> dict[str, list[Any]]:
+    """Per-tensor SNR (export/tensor_snr.py) of the ``layers``' int8 segments of ``kinds``.
+
+    Each segment is calibrated as the export does it (corpus, host loop in float) and
+    compared with its float graph on the inputs to that segment of held-out documents
+    that fill the bucket (made by the float host loop, so errors of earlier layers do not
+    enter; no padding rows, whose values nothing reads)."""
+    import torch
+
+    from . import segments as seg
+    from .calibration import calibration_set
+    from .checkpoint import load_checkpoint
+    from .encoder import build_encoder
+    from .quantize import Approach, QuantConfig, quantize_graph
+    from .segment_build import float_segment, record_segment_inputs
+    from .tensor_snr import tensor_snr
+
+    with torch.no_grad():
+        core, _ = build_encoder(load_checkpoint(checkpoint))
+        if any(not 0 <= i < len(core.layers) for i in layers):
+            from gemma_edge.errors import InputError
+            raise InputError(f"--tensor-snr {','.join(map(str, layers))}: the model has layers "
+                             f"0-{len(core.layers) - 1}")
+        cal = calibration_set(art_dir, [seq_len], calibration)[seq_len]
+        scales = seg.measure_scales(core, cal, smoothing)
+        segments = seg.layer_segments(core, seq_len, scales)
+        cal_inputs = record_segment_inputs(core, scales, segments, cal)
+        eval_inputs = record_segment_inputs(core, scales, segments,
+                                            full_bucket_inputs(art_dir, seq_len, texts))
+        out: dict[str, list[Any]] = {}
+        for i in layers:
+            for kind in kinds:
+                module = segments[i][KINDS.index(kind)]
+                graph = float_segment(kind, module, seq_len, core.spec.hidden_size)
+                int8 = quantize_graph(graph, "segment", QuantConfig(Approach.FULL_INT8,
+                                                                    ranges=ranges),
+                                      cal_inputs[(i, kind)])
+                out[f"layer {i:02d} / {kind}"] = tensor_snr(graph, int8, eval_inputs[(i, kind)])
+    return out
+
+
 KINDS = ("attn", "mlp")
 
 
@@ -144,10 +208,29 @@ def _run(args: Any) -> int:
         from gemma_edge.errors import InputError
         raise InputError("--mlp-host-sum adds the partial outputs of channel groups: "
                          "give --mlp-groups 2 or more")
+    default = Smoothing()
+    alphas = args.smoothing or [default.attn_in, default.v, default.ff_in, default.act]
+    if args.mlp_split is None:  # the export's, unless channel groups replace it
+        args.mlp_split = 0.0 if args.mlp_groups > 1 else default.mlp_split
+    if not 0.0 <= args.mlp_split < 1.0 or (args.mlp_split and args.mlp_groups > 1):
+        from gemma_edge.errors import InputError
+        raise InputError(f"--mlp-split {args.mlp_split}: a fraction in [0, 1) of the GELU "
+                         "product's range (0: one int8 tensor), with --mlp-groups 1")
+    smoothing = Smoothing(*alphas, mlp_groups=args.mlp_groups,
+                          mlp_host_sum=args.mlp_host_sum, mlp_split=args.mlp_split)
+    if args.tensor_snr:
+        from .tensor_snr import format_table
+
+        tables = tensor_study(args.checkpoint, args.artifacts, args.seq_len, smoothing,
+                              args.calibration, args.texts, args.kinds, args.tensor_snr,
+                              RangeStatistic(args.ranges))
+        for title, rows in tables.items():
+            print(format_table(f"{title} ({args.seq_len} tokens, up to {args.texts} held-out "
+                               "documents): SNR of each int8 tensor vs the float graph", rows))
+            print()
+        return 0
     result = study(args.checkpoint, args.artifacts, args.seq_len,
-                   Smoothing(*args.smoothing, mlp_groups=args.mlp_groups,
-                             mlp_host_sum=args.mlp_host_sum),
-                   args.calibration, args.texts, args.kinds, args.ladder,
+                   smoothing, args.calibration, args.texts, args.kinds, args.ladder,
                    RangeStatistic(args.ranges))
     print(json.dumps(result, indent=2))
     return 0
@@ -161,13 +244,18 @@ def register(sub: Any) -> None:
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--artifacts", required=True, type=Path, help="a float export (tokenizer, table)")
     p.add_argument("--seq-len", type=int, default=128)
-    p.add_argument("--smoothing", type=_alphas, default=[0.75, 0.75, 0.6, 0.6],
-                   help="SmoothQuant alphas: attention input, V, MLP input, GELU product")
+    p.add_argument("--smoothing", type=_alphas, default=None,
+                   help="SmoothQuant alphas: attention input, V, MLP input, GELU product "
+                        "(default: the export's)")
     p.add_argument("--mlp-groups", type=int, default=1,
                    help="channel groups of the MLP's GELU product (1: one int8 scale)")
     p.add_argument("--mlp-host-sum", action="store_true",
                    help="with --mlp-groups: the segment returns the groups' partial outputs "
                         "and the host adds them in float (instead of int8 ADDs in the graph)")
+    p.add_argument("--mlp-split", type=float, default=None,
+                   help="two-range GELU product: the fine int8 tensor saturates at this "
+                        "fraction of the product's range, the excess rides in a second "
+                        "one (0: one tensor; default: the export's)")
     p.add_argument("--calibration", type=int, default=32, help="corpus samples")
     p.add_argument("--ranges", default=RangeStatistic.MOVING_AVERAGE.value,
                    choices=[r.value for r in RangeStatistic],
@@ -176,6 +264,9 @@ def register(sub: Any) -> None:
                    help="buckets the segments exist for, e.g. 64,256 (the export's "
                         "--edgetpu-seq-len): calibration texts are those this bucket serves")
     p.add_argument("--texts", type=int, default=24, help="held-out texts to compare")
+    p.add_argument("--tensor-snr", type=int_list, default=None, metavar="LAYERS",
+                   help="instead of the end-to-end cosine: the SNR of every int8 tensor of "
+                        "these layers' segments against their float graphs, e.g. 1,12,23")
     p.add_argument("--kinds", type=_kinds, default=list(KINDS),
                    help="segments quantised (others stay float): attn, mlp or both")
     p.set_defaults(func=_run)

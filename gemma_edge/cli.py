@@ -41,6 +41,10 @@ def _add_export(sub: Any) -> None:
     p.add_argument("--edgetpu-seq-len", type=int_list, default=None,
                    help="buckets of the fully int8 Edge TPU segments (default 64,128,256; "
                         "48 graphs per bucket, see docs/quantization.md)")
+    p.add_argument("--edgetpu-mlp-split", type=float, default=None, metavar="F",
+                   help="the segments' GELU product as two int8 tensors, the fine one "
+                        "saturating at this fraction of its range (default 0.125; 0: one "
+                        "tensor, less Edge TPU time, lower fidelity: docs/quantization.md)")
     p.add_argument("--no-edgetpu", action="store_true",
                    help="skip the fully int8 Edge TPU segments (~13 minutes of the real export)")
     p.add_argument("--no-eval", action="store_true",
@@ -59,6 +63,7 @@ def _run_export(args: argparse.Namespace) -> int:
         options.edgetpu_buckets = args.edgetpu_seq_len
     if args.pool_slots:
         options.pool_slots = args.pool_slots
+    options.edgetpu_mlp_split = args.edgetpu_mlp_split
     manifest = run_export(args.checkpoint, args.out, options)
     ver = manifest.get("verification", {})
     print(f"wrote {args.out} in {manifest['export_seconds']} s")

@@ -95,6 +95,7 @@ def test_export_writes_fully_int8_segments_the_embedder_runs(tiny_checkpoint, tm
     layers = manifest["model"]["num_layers"]
     assert graph["layout"] == "segments" and len(graph["segments"]) == 2 * layers
     assert set(graph["census"]) <= {"INT8", "INT32"}, graph["census"]
+    assert graph["smoothing"]["mlp_split"] == 0.125  # the two-range GELU product
     assert "full-int8" in manifest["verification"]
     load_manifest(out, verify_hashes=True)  # every segment file is listed and hashed
     assert all(name in manifest["files"] for name in graph["segments"])
@@ -110,7 +111,9 @@ def test_export_writes_fully_int8_segments_the_embedder_runs(tiny_checkpoint, tm
         for banned in ("GELU", "BATCH_MATMUL", "SOFTMAX", "FULLY_CONNECTED", "EXP",
                        "QUANTIZE", "DEQUANTIZE"):
             assert banned not in ops, (banned, ops)
-        assert ops["CONV_2D"] == (6 if "attn" in name else 3)  # q, k, v, o + 2 mean squares
+        # attention: q, k, v, o + 2 mean squares; MLP: gate, up, down + the two-range
+        # product's fine up and down (Smoothing.mlp_split)
+        assert ops["CONV_2D"] == (6 if "attn" in name else 5)
 
     # the pre-flight over the whole bucket: co-compiled segments + the host's share
     import json
@@ -326,3 +329,90 @@ def test_segments_built_in_worker_processes_equal_the_inline_build(tiny_core, ca
     assert inline == pooled
     for name in inline[0]["segments"]:
         assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "two" / name).read_bytes()
+
+
+def test_two_range_gelu_product_is_exact_in_float_and_fully_int8(tiny_core, calibration):
+    """mlp_split: the GELU product as a fine int8 tensor (saturating at a fraction of its
+    range) plus the excess beyond it. Exact in float; in int8 the excess is exactly 0
+    below the saturation level, the graph is fully int8 and Edge TPU-mappable, and the
+    segment's output is closer to float than with one int8 product."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    from gemma_edge.compile.mapper import analyze
+    from gemma_edge.device.segmented import _Segment
+    from gemma_edge.export import segments as seg
+    from gemma_edge.export.quantize import check_fully_int8
+    from gemma_edge.export.segment_build import (
+        FLOAT_EQUALITY,
+        check_float,
+        quantize_segment,
+        record_segment_inputs,
+    )
+
+    samples = calibration[BUCKET]
+    hidden = tiny_core.spec.hidden_size
+    split = seg.measure_scales(tiny_core, samples, seg.Smoothing(mlp_split=0.125))
+    one = seg.measure_scales(tiny_core, samples, seg.Smoothing(mlp_split=0.0))
+    assert all(s.act_split > 0 for s in split) and all(s.act_split == 0 for s in one)
+    split_segments = seg.layer_segments(tiny_core, BUCKET, split)
+    assert check_float(tiny_core, split, split_segments, samples) >= FLOAT_EQUALITY
+    one_segments = seg.layer_segments(tiny_core, BUCKET, one)
+
+    mlp = split_segments[0][1]
+    feeds = record_segment_inputs(tiny_core, split, split_segments, samples)[(0, "mlp")]
+    b = torch.from_numpy(feeds[0]["b"])
+    with torch.no_grad():
+        gate = seg._apply(mlp.gate[0], b)
+        gelu = gate * torch.sigmoid(gate * (seg.GELU_C1 + seg.GELU_C2 * gate * gate))
+        coarse = gelu * seg._apply(mlp.up[0], b)
+    assert (coarse.abs() > mlp.split).any() and (coarse.abs() <= mlp.split).float().mean() > 0.5
+
+    errors = {}
+    for name, segment, scales in (("split", mlp, split), ("one", one_segments[0][1], one)):
+        layer_feeds = record_segment_inputs(tiny_core, scales, seg.layer_segments(
+            tiny_core, BUCKET, scales), samples)[(0, "mlp")]
+        data = quantize_segment("mlp", segment, BUCKET, hidden, layer_feeds)
+        check_fully_int8(data)
+        ops = [op["op_name"] for op in Interpreter(model_content=data)._get_ops_details()]
+        assert "QUANTIZE" not in ops and "DEQUANTIZE" not in ops, ops
+        assert ops.count("CONV_2D") == (5 if name == "split" else 3)
+        run = _Segment(Interpreter(model_content=data), name)
+        err, ref_norm = 0.0, 0.0
+        for feed in layer_feeds:
+            with torch.no_grad():
+                ref = segment(torch.from_numpy(feed["b"])).numpy()
+            err += float(((run(feed["b"]) - ref) ** 2).sum())
+            ref_norm += float((ref ** 2).sum())
+        errors[name] = (err / ref_norm) ** 0.5
+        if name == "split":
+            import tempfile
+            with tempfile.TemporaryDirectory() as tmp:
+                path = Path(tmp) / "mlp.tflite"
+                path.write_bytes(data)
+                report = analyze(path)
+            assert report.compiles, report.fatal
+    assert errors["split"] < errors["one"], errors
+
+
+def test_tensor_snr_follows_the_error_through_a_segment(tiny_checkpoint, tiny_artifacts):
+    """segment-study --tensor-snr: every op output of the int8 segment against the float
+    graph of the same segment; the error is small at the first projection and the
+    report covers the whole chain down to the output."""
+    from gemma_edge.errors import InputError
+    from gemma_edge.export.segment_study import tensor_study
+    from gemma_edge.export.segments import Smoothing
+    from gemma_edge.export.tensor_snr import format_table
+
+    tables = tensor_study(str(tiny_checkpoint), tiny_artifacts, BUCKET, Smoothing(), 4, 4,
+                          ["mlp"], [0])
+    rows = tables["layer 00 / mlp"]
+    ops = [r.op for r in rows]
+    assert ops[0] == "CONV_2D" and ops.count("CONV_2D") == 5 and ops[-1] == "ADD"
+    assert all(np.isfinite(r.snr_db) for r in rows)
+    assert rows[0].snr_db > 25.0, rows[0]            # one int8 rounding of a projection
+    assert 5.0 < rows[-1].snr_db < rows[0].snr_db    # the output carries the whole chain
+    text = format_table("layer 00 / mlp", rows)
+    assert "CONV_2D" in text and len(text.splitlines()) == len(rows) + 2
+    with pytest.raises(InputError, match="layers 0-"):
+        tensor_study(str(tiny_checkpoint), tiny_artifacts, BUCKET, Smoothing(), 4, 4,
+                     ["mlp"], [99])
