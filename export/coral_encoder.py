@@ -86,6 +86,11 @@ def _apply(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
     return conv(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
 
 
+def gelu_sigmoid(x: torch.Tensor) -> torch.Tensor:
+    """GELU-tanh as ``x * sigmoid(x * (c1 + c2 * x^2))``: MUL/ADD/LOGISTIC (module doc)."""
+    return x * torch.sigmoid(x * (GELU_C1 + GELU_C2 * x * x))
+
+
 def _rms(x: torch.Tensor, eps: float) -> torch.Tensor:
     """x / rms(x) over the last axis, no gain."""
     return x * torch.rsqrt((x * x).mean(-1, keepdim=True) + eps)
@@ -172,7 +177,7 @@ class CoralLayer(nn.Module):
         x = x + _rms(attn, self.eps) * self.attn_gain
         gate_up = _apply(self.gate_up, _rms(x, self.eps))
         gate, up = gate_up[..., :self.intermediate], gate_up[..., self.intermediate:]
-        act = gate * torch.sigmoid(gate * (GELU_C1 + GELU_C2 * gate * gate)) * up
+        act = gelu_sigmoid(gate) * up
         mlp = _apply(self.down, act)
         return x + _rms(mlp, self.eps) * self.ff_gain
 

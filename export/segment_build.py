@@ -195,10 +195,16 @@ def quantize_segment(kind: str, segment: AttentionSegment | MlpSegment, seq_len:
     """Convert one segment ("attn" or "mlp") and quantise it fully to int8 on ``feeds``.
 
     Takes only that segment (picklable: the export's worker processes receive it)."""
+    return quantize_float_segment(float_segment(kind, segment, seq_len, hidden), feeds, ranges)
+
+
+def quantize_float_segment(float_model: bytes, feeds: Sequence[dict[str, np.ndarray]],
+                           ranges: RangeStatistic = RangeStatistic.MOVING_AVERAGE) -> bytes:
+    """A converted segment (``float_segment``) quantised fully to int8 on ``feeds``."""
     from .quantize import Approach, QuantConfig, quantize_graph
 
-    return quantize_graph(float_segment(kind, segment, seq_len, hidden), "segment",
-                          QuantConfig(Approach.FULL_INT8, ranges=ranges), feeds)
+    return quantize_graph(float_model, "segment", QuantConfig(Approach.FULL_INT8, ranges=ranges),
+                          feeds)
 
 
 def float_segment(kind: str, segment: AttentionSegment | MlpSegment, seq_len: int,

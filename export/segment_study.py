@@ -127,8 +127,8 @@ def _study(checkpoint: str, art_dir: Path, seq_len: int, smoothing: Any,
 
 def tensor_study(checkpoint: str, art_dir: Path, seq_len: int, smoothing: Any,
                  calibration: int, texts: int, kinds: Sequence[str], layers: Sequence[int],
-                 ranges: RangeStatistic = RangeStatistic.MOVING_AVERAGE
-                 ) -> dict[str, list[Any]]:
+                 ranges: RangeStatistic = RangeStatistic.MOVING_AVERAGE,
+                 ladder: Optional[Sequence[int]] = None) -> dict[str, list[Any]]:
     """Per-tensor SNR (export/tensor_snr.py) of the ``layers``' int8 segments of ``kinds``.
 
     Each segment is calibrated as the export does it (corpus, host loop in float) and
@@ -141,8 +141,7 @@ def tensor_study(checkpoint: str, art_dir: Path, seq_len: int, smoothing: Any,
     from .calibration import calibration_set
     from .checkpoint import load_checkpoint
     from .encoder import build_encoder
-    from .quantize import Approach, QuantConfig, quantize_graph
-    from .segment_build import float_segment, record_segment_inputs
+    from .segment_build import float_segment, quantize_float_segment, record_segment_inputs
     from .tensor_snr import tensor_snr
 
     with torch.no_grad():
@@ -151,7 +150,7 @@ def tensor_study(checkpoint: str, art_dir: Path, seq_len: int, smoothing: Any,
             from gemma_edge.errors import InputError
             raise InputError(f"--tensor-snr {','.join(map(str, layers))}: the model has layers "
                              f"0-{len(core.layers) - 1}")
-        cal = calibration_set(art_dir, [seq_len], calibration)[seq_len]
+        cal = calibration_set(art_dir, [seq_len], calibration, ladder=ladder)[seq_len]
         scales = seg.measure_scales(core, cal, smoothing)
         segments = seg.layer_segments(core, seq_len, scales)
         cal_inputs = record_segment_inputs(core, scales, segments, cal)
@@ -162,9 +161,7 @@ def tensor_study(checkpoint: str, art_dir: Path, seq_len: int, smoothing: Any,
             for kind in kinds:
                 module = segments[i][KINDS.index(kind)]
                 graph = float_segment(kind, module, seq_len, core.spec.hidden_size)
-                int8 = quantize_graph(graph, "segment", QuantConfig(Approach.FULL_INT8,
-                                                                    ranges=ranges),
-                                      cal_inputs[(i, kind)])
+                int8 = quantize_float_segment(graph, cal_inputs[(i, kind)], ranges)
                 out[f"layer {i:02d} / {kind}"] = tensor_snr(graph, int8, eval_inputs[(i, kind)])
     return out
 
@@ -223,7 +220,7 @@ def _run(args: Any) -> int:
 
         tables = tensor_study(args.checkpoint, args.artifacts, args.seq_len, smoothing,
                               args.calibration, args.texts, args.kinds, args.tensor_snr,
-                              RangeStatistic(args.ranges))
+                              RangeStatistic(args.ranges), args.ladder)
         for title, rows in tables.items():
             print(format_table(f"{title} ({args.seq_len} tokens, up to {args.texts} held-out "
                                "documents): SNR of each int8 tensor vs the float graph", rows))

@@ -46,7 +46,7 @@ from torch import nn
 
 from gemma_edge.errors import QuantizationError
 
-from .coral_encoder import DEFAULT_MAX_PRODUCT, GELU_C1, GELU_C2, CoralLayer, _apply, _conv
+from .coral_encoder import DEFAULT_MAX_PRODUCT, CoralLayer, _apply, _conv, gelu_sigmoid
 from .encoder import BucketEncoder, EncoderCore, EncoderLayer, band_bias, rope_tables
 
 
@@ -252,8 +252,7 @@ class MlpSegment(nn.Module):
             self.down_fine = _conv(w_down / out_scale[0][:, None] * self.split)
 
     def _two_range(self, b: torch.Tensor) -> torch.Tensor:
-        gate = _apply(self.gate[0], b)
-        gelu = gate * torch.sigmoid(gate * (GELU_C1 + GELU_C2 * gate * gate))
+        gelu = gelu_sigmoid(_apply(self.gate[0], b))
         coarse = gelu * _apply(self.up[0], b)
         # MUL with a fused RELU_N1_TO_1: the int8 tensor saturates at +-split
         fine = torch.clamp(gelu * _apply(self.up_fine, b), -1.0, 1.0)
@@ -266,8 +265,7 @@ class MlpSegment(nn.Module):
             return self._two_range(b)
         parts = []
         for gate_conv, up_conv, down_conv in zip(self.gate, self.up, self.down):
-            gate = _apply(gate_conv, b)
-            act = gate * torch.sigmoid(gate * (GELU_C1 + GELU_C2 * gate * gate)) * _apply(up_conv, b)
+            act = gelu_sigmoid(_apply(gate_conv, b)) * _apply(up_conv, b)
             parts.append(_apply(down_conv, act))                          # [1, 1, T, C]
         if self.host_sum:
             return torch.cat(parts, dim=1)                                # [1, G, T, C]

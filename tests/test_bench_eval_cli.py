@@ -209,6 +209,14 @@ def test_segment_study_rejects_zero_mlp_groups(tmp_path, capsys):
     assert code != 0 and "--mlp-groups 0: at least 1" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("extra", [["--mlp-split", "1.5"], ["--mlp-split", "-0.1"],
+                                   ["--mlp-split", "0.1", "--mlp-groups", "2"]])
+def test_segment_study_rejects_a_bad_mlp_split(tmp_path, capsys, extra):
+    code = main(["segment-study", "--checkpoint", str(tmp_path), "--artifacts", str(tmp_path),
+                 *extra])
+    assert code != 0 and "a fraction in [0, 1)" in capsys.readouterr().err
+
+
 def test_segment_study_rejects_host_sum_without_groups(tmp_path, capsys):
     code = main(["segment-study", "--checkpoint", str(tmp_path), "--artifacts", str(tmp_path),
                  "--mlp-host-sum"])

@@ -331,7 +331,8 @@ def test_segments_built_in_worker_processes_equal_the_inline_build(tiny_core, ca
         assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "two" / name).read_bytes()
 
 
-def test_two_range_gelu_product_is_exact_in_float_and_fully_int8(tiny_core, calibration):
+def test_two_range_gelu_product_is_exact_in_float_and_fully_int8(tiny_core, calibration,
+                                                                  tmp_path):
     """mlp_split: the GELU product as a fine int8 tensor (saturating at a fraction of its
     range) plus the excess beyond it. Exact in float; in int8 the excess is exactly 0
     below the saturation level, the graph is fully int8 and Edge TPU-mappable, and the
@@ -341,6 +342,7 @@ def test_two_range_gelu_product_is_exact_in_float_and_fully_int8(tiny_core, cali
     from gemma_edge.compile.mapper import analyze
     from gemma_edge.device.segmented import _Segment
     from gemma_edge.export import segments as seg
+    from gemma_edge.export.coral_encoder import gelu_sigmoid
     from gemma_edge.export.quantize import check_fully_int8
     from gemma_edge.export.segment_build import (
         FLOAT_EQUALITY,
@@ -357,20 +359,19 @@ def test_two_range_gelu_product_is_exact_in_float_and_fully_int8(tiny_core, cali
     split_segments = seg.layer_segments(tiny_core, BUCKET, split)
     assert check_float(tiny_core, split, split_segments, samples) >= FLOAT_EQUALITY
     one_segments = seg.layer_segments(tiny_core, BUCKET, one)
+    feeds = {name: record_segment_inputs(tiny_core, scales, segments, samples)[(0, "mlp")]
+             for name, scales, segments in (("split", split, split_segments),
+                                            ("one", one, one_segments))}
 
     mlp = split_segments[0][1]
-    feeds = record_segment_inputs(tiny_core, split, split_segments, samples)[(0, "mlp")]
-    b = torch.from_numpy(feeds[0]["b"])
+    b = torch.from_numpy(feeds["split"][0]["b"])
     with torch.no_grad():
-        gate = seg._apply(mlp.gate[0], b)
-        gelu = gate * torch.sigmoid(gate * (seg.GELU_C1 + seg.GELU_C2 * gate * gate))
-        coarse = gelu * seg._apply(mlp.up[0], b)
+        coarse = gelu_sigmoid(seg._apply(mlp.gate[0], b)) * seg._apply(mlp.up[0], b)
     assert (coarse.abs() > mlp.split).any() and (coarse.abs() <= mlp.split).float().mean() > 0.5
 
     errors = {}
-    for name, segment, scales in (("split", mlp, split), ("one", one_segments[0][1], one)):
-        layer_feeds = record_segment_inputs(tiny_core, scales, seg.layer_segments(
-            tiny_core, BUCKET, scales), samples)[(0, "mlp")]
+    for name, segment in (("split", mlp), ("one", one_segments[0][1])):
+        layer_feeds = feeds[name]
         data = quantize_segment("mlp", segment, BUCKET, hidden, layer_feeds)
         check_fully_int8(data)
         ops = [op["op_name"] for op in Interpreter(model_content=data)._get_ops_details()]
@@ -385,11 +386,9 @@ def test_two_range_gelu_product_is_exact_in_float_and_fully_int8(tiny_core, cali
             ref_norm += float((ref ** 2).sum())
         errors[name] = (err / ref_norm) ** 0.5
         if name == "split":
-            import tempfile
-            with tempfile.TemporaryDirectory() as tmp:
-                path = Path(tmp) / "mlp.tflite"
-                path.write_bytes(data)
-                report = analyze(path)
+            path = tmp_path / "mlp.tflite"
+            path.write_bytes(data)
+            report = analyze(path)
             assert report.compiles, report.fatal
     assert errors["split"] < errors["one"], errors
 
