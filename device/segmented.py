@@ -76,7 +76,11 @@ class SegmentedRunner:
             attn, mlp = self.segments[2 * i], self.segments[2 * i + 1]
             o = attn(_rms(x, eps) / h["attn_in"][i], mask).reshape(x.shape) * h["attn_out"][i]
             x = x + _rms(o, eps) * h["post_attn_gain"][i]
-            m = mlp(_rms(x, eps) / h["ff_in"][i]).reshape(x.shape) * h["ff_out"][i]
+            # [C] output scales, or [G, C]: the segment returns G partials (the two
+            # ranges of the GELU product) that are added here in float
+            ff_out = h["ff_out"][i].reshape(-1, 1, x.shape[-1])
+            m = (mlp(_rms(x, eps) / h["ff_in"][i]).reshape(len(ff_out), *x.shape)
+                 * ff_out).sum(0)
             x = x + _rms(m, eps) * h["post_ff_gain"][i]
         x = _rms(x, eps) * h["final_gain"]
         pooled = pool[0] @ x

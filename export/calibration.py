@@ -9,6 +9,7 @@ host code the device runs (tokenizer, table, ``bucket_inputs``).
 from __future__ import annotations
 
 import random
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
@@ -75,6 +76,35 @@ def _inputs(embedder: Any, group: Sequence[Sequence[int]], seq_len: int
     return {"embeddings": rows, "mask": mask, "pool": pool}
 
 
+@dataclass
+class TextHost:
+    """The host side of an Embedder that calibration uses (prompts, tokenizer, table,
+    buckets, pooling slots), built from an export's tokenizer and table before any graph
+    exists: the export starts its Edge TPU segments before it converts the float graph."""
+
+    prompts: dict[str, str]
+    tokenizer: Any
+    table: Any
+    buckets: list[int]
+    hidden: int
+    slots: int
+
+    @property
+    def max_tokens(self) -> int:
+        return self.buckets[-1]
+
+    @classmethod
+    def from_parts(cls, art_dir: Path, prompts: dict[str, str], tokenizer_spec: dict[str, Any],
+                   table_spec: dict[str, Any], buckets: Sequence[int], hidden: int,
+                   slots: int) -> TextHost:
+        from gemma_edge.device.table import EmbeddingTable
+        from gemma_edge.device.tokenizer import TextTokenizer
+
+        return cls(dict(prompts), TextTokenizer(art_dir, tokenizer_spec),
+                   EmbeddingTable(art_dir, table_spec), sorted(int(b) for b in buckets),
+                   int(hidden), int(slots))
+
+
 def calibration_set(art_dir: Path, buckets: Sequence[int], per_bucket: int,
                     rows: Optional[Sequence[dict[str, Any]]] = None,
                     ladder: Optional[Sequence[int]] = None
@@ -83,9 +113,17 @@ def calibration_set(art_dir: Path, buckets: Sequence[int], per_bucket: int,
     ``bucket_samples``)."""
     from gemma_edge.device import Embedder
 
-    emb = Embedder(art_dir, backend="cpu", precision="float")
-    ids = corpus_token_ids(emb, rows)
-    return {t: bucket_samples(emb, ids, t, per_bucket, ladder=ladder) for t in buckets}
+    return calibration_from(Embedder(art_dir, backend="cpu", precision="float"), buckets,
+                            per_bucket, rows, ladder)
+
+
+def calibration_from(host: Any, buckets: Sequence[int], per_bucket: int,
+                     rows: Optional[Sequence[dict[str, Any]]] = None,
+                     ladder: Optional[Sequence[int]] = None
+                     ) -> dict[int, list[dict[str, np.ndarray]]]:
+    """{bucket: [inputs...]} through ``host``: an Embedder (float) or a ``TextHost``."""
+    ids = corpus_token_ids(host, rows)
+    return {t: bucket_samples(host, ids, t, per_bucket, ladder=ladder) for t in buckets}
 
 
 def write_calibration(art_dir: Path, out_dir: Path, per_bucket: int) -> dict[int, Path]:

@@ -14,6 +14,7 @@ import io
 import math
 import multiprocessing
 import os
+import sys
 from concurrent.futures import Future, ProcessPoolExecutor
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional, Sequence
@@ -95,6 +96,7 @@ def host_constants(core: EncoderCore, scales: Sequence[LayerScales]) -> dict[str
         "act_groups": np.stack([s.act_groups if s.act_groups is not None
                                 else np.zeros(len(s.act), np.int32) for s in scales]),
         "act_split": np.array([s.act_split for s in scales], np.float32),
+        "softmax_split": np.array([s.softmax_split for s in scales], np.float32),
         "post_attn_gain": np.stack([f32(layer.post_attn_norm.gain) for layer in core.layers]),
         "post_ff_gain": np.stack([f32(layer.post_ff_norm.gain) for layer in core.layers]),
         "dense_count": np.int32(len(core.dense)),
@@ -113,7 +115,8 @@ def scales_from_host(host: dict[str, np.ndarray]) -> list[LayerScales]:
                         host["ff_in"][i], host["act_scale"][i], host["ff_out"][i],
                         host["q_scale"][i], host["k_scale"][i],
                         host["act_groups"][i] if "act_groups" in host else None,
-                        float(host["act_split"][i]) if "act_split" in host else 0.0)
+                        float(host["act_split"][i]) if "act_split" in host else 0.0,
+                        float(host["softmax_split"][i]) if "softmax_split" in host else 0.0)
             for i in range(len(host["attn_in"]))]
 
 
@@ -144,7 +147,13 @@ def segment_sensitivity(core: EncoderCore, art_dir: Path, graph: dict,
             seg = runner.segments[2 * i + (kind == "mlp")]
             got = torch.from_numpy(seg(x.numpy(), sample["mask"] if kind == "attn" else None)
                                    .reshape(ref.shape))
-            r, g = ref[0, 0][live].double(), got[0, 0][live].double()
+            # the branch output as the host uses it: partials ([1, G, T, C]: the MLP's
+            # two ranges) scaled per channel and added
+            weight = torch.from_numpy(np.asarray(
+                scales[i].ff_out if kind == "mlp" else scales[i].attn_out, np.float64)
+            ).reshape(-1, 1, ref.shape[-1])
+            r = (ref[0].double() * weight).sum(0)[live]
+            g = (got[0].double() * weight).sum(0)[live]
             noise = float((g - r).pow(2).sum()) or 1e-30
             errors.setdefault(f"layer {i:02d} / {kind}", []).append(
                 10.0 * math.log10(float(r.pow(2).sum()) / noise))
@@ -240,63 +249,116 @@ def record_segment_inputs(core: EncoderCore, scales: Sequence[LayerScales],
     return inputs
 
 
-@torch.no_grad()
+class SegmentBuild:
+    """The segments of every bucket, converted and quantised by worker processes while
+    the caller does other work (the export converts its float and CPU int8 graphs
+    meanwhile: on 2 cores that work leaves one core idle for minutes).
+
+    Entering measures the per-channel scales, writes the host constants, checks the
+    rewrite in float and records every segment's calibration inputs (this process,
+    float torch), and submits all segments to the pool; ``collect()`` waits for them,
+    checks each is fully int8 and writes the files. Segment files appear in
+    ``out_dir`` only during ``collect()``. Leaving with an error cancels what has not
+    started.
+
+    ``calibration``: {bucket: [graph inputs]} from the project corpus
+    (``export.calibration``). Per-channel scales come from a float pass over a few
+    samples of every bucket; each segment is then calibrated on its own inputs as the
+    host computes them in float (min/max, ai-edge-quantizer static_wi8_ai8), so
+    calibration memory is one layer's tensors, whatever the bucket.
+    """
+
+    def __init__(self, core: EncoderCore, out_dir: Path, buckets: Sequence[int],
+                 calibration: dict[int, list[dict[str, np.ndarray]]],
+                 smoothing: Smoothing = DEFAULT_SMOOTHING,
+                 progress: Optional[Callable[[str], None]] = None,
+                 workers: Optional[int] = None,
+                 on_segment_done: Optional[Callable[[], None]] = None):
+        self.core, self.out_dir, self.buckets = core, Path(out_dir), list(buckets)
+        self.calibration, self.smoothing, self.progress = calibration, smoothing, progress
+        self.workers = default_workers() if workers is None else workers
+        self.on_segment_done = on_segment_done
+        self.float_check: dict[int, float] = {}
+        self._jobs: dict[int, list[tuple[int, str, Future]]] = {}
+        self._pool: contextlib.ExitStack = contextlib.ExitStack()
+
+    def _say(self, text: str) -> None:
+        if self.progress:
+            self.progress(text)
+
+    @torch.no_grad()
+    def __enter__(self) -> SegmentBuild:
+        from gemma_edge.manifest import atomic_write_npz
+
+        (self.out_dir / SEGMENT_DIR).mkdir(parents=True, exist_ok=True)
+        core, hidden = self.core, self.core.spec.hidden_size
+        stats_samples = [s for t in self.buckets for s in self.calibration[t][:4]]
+        self._say("segments: measuring per-channel scales")
+        scales = measure_scales(core, stats_samples, self.smoothing)
+        atomic_write_npz(self.out_dir / HOST_FILE, host_constants(core, scales))
+        pool = self._pool.enter_context(_segment_pool(self.workers))
+        try:
+            for seq_len in self.buckets:
+                segments = layer_segments(core, seq_len, scales)
+                worst = check_float(core, scales, segments, self.calibration[seq_len][:2])
+                self.float_check[seq_len] = worst
+                self._say(f"segments: bucket {seq_len} equal in float (cos {worst:.7f})")
+                inputs = record_segment_inputs(core, scales, segments, self.calibration[seq_len])
+                jobs = []
+                for i, pair in enumerate(segments):
+                    for kind, segment in zip(("attn", "mlp"), pair):
+                        job = pool.submit(quantize_segment, kind, segment, seq_len, hidden,
+                                          inputs[(i, kind)])
+                        if self.on_segment_done:
+                            job.add_done_callback(lambda _job: self.on_segment_done())
+                        jobs.append((i, kind, job))
+                self._jobs[seq_len] = jobs
+        except BaseException:
+            self._pool.__exit__(*sys.exc_info())
+            raise
+        return self
+
+    def collect(self) -> list[dict]:
+        """Wait for every segment, check it, write it; the manifest entries per bucket."""
+        from gemma_edge.manifest import atomic_write_bytes
+
+        from .quantize import check_fully_int8
+
+        entries = []
+        for seq_len in self.buckets:
+            files = []
+            census: dict[str, int] = {}
+            for i, kind, job in self._jobs[seq_len]:
+                quantized = job.result()
+                for key, n in check_fully_int8(quantized).items():
+                    census[key] = census.get(key, 0) + n
+                name = segment_name(kind, seq_len, i)
+                atomic_write_bytes(self.out_dir / name, quantized)
+                files.append(name)
+                self._say(f"segments: bucket {seq_len}, layer {i} {kind} written")
+            entries.append({"path": HOST_FILE, "role": "edgetpu", "layout": "segments",
+                            "seq_lens": [int(seq_len)],
+                            "pool_slots": int(self.calibration[seq_len][0]["pool"].shape[1]),
+                            "segments": files, "approach": APPROACH,
+                            "smoothing": self.smoothing.to_json(), "census": census,
+                            "calibration_per_bucket": len(self.calibration[seq_len])})
+        return entries
+
+    def __exit__(self, *exc: Any) -> None:
+        self._pool.__exit__(*exc)
+
+
 def build_segmented(core: EncoderCore, out_dir: Path, buckets: Sequence[int],
                     calibration: dict[int, list[dict[str, np.ndarray]]],
                     smoothing: Smoothing = DEFAULT_SMOOTHING,
                     progress: Optional[Callable[[str], None]] = None,
                     workers: Optional[int] = None) -> list[dict]:
-    """Write every bucket's segments + the host constants; returns manifest entries.
-
-    ``calibration``: {bucket: [graph inputs]} from the project corpus
-    (``export.calibration``). Per-channel scales come from a float pass over a few
-    samples of every bucket; each segment is then calibrated on its own inputs as
-    the host computes them in float (min/max, ai-edge-quantizer static_wi8_ai8),
-    so calibration memory is one layer's tensors, whatever the bucket. ``workers``
-    processes convert and quantise the segments (default ``default_workers()``).
-    """
-    from gemma_edge.manifest import atomic_write_bytes, atomic_write_npz
-
-    from .quantize import check_fully_int8
-
-    out_dir = Path(out_dir)
-    (out_dir / SEGMENT_DIR).mkdir(parents=True, exist_ok=True)
-    stats_samples = [s for t in buckets for s in calibration[t][:4]]
-    if progress:
-        progress("segments: measuring per-channel scales")
-    scales = measure_scales(core, stats_samples, smoothing)
-    atomic_write_npz(out_dir / HOST_FILE, host_constants(core, scales))
-    hidden = core.spec.hidden_size
-    entries = []
-    with _segment_pool(default_workers() if workers is None else workers) as pool:
-        for seq_len in buckets:
-            segments = layer_segments(core, seq_len, scales)
-            worst = check_float(core, scales, segments, calibration[seq_len][:2])
-            if progress:
-                progress(f"segments: bucket {seq_len} equal in float (cos {worst:.7f})")
-            inputs = record_segment_inputs(core, scales, segments, calibration[seq_len])
-            jobs = [(i, kind, pool.submit(quantize_segment, kind, segment, seq_len, hidden,
-                                          inputs[(i, kind)]))
-                    for i, pair in enumerate(segments)
-                    for kind, segment in zip(("attn", "mlp"), pair)]
-            files = []
-            census: dict[str, int] = {}
-            for i, kind, job in jobs:
-                quantized = job.result()
-                for key, n in check_fully_int8(quantized).items():
-                    census[key] = census.get(key, 0) + n
-                name = segment_name(kind, seq_len, i)
-                atomic_write_bytes(out_dir / name, quantized)
-                files.append(name)
-                if progress:
-                    progress(f"segments: bucket {seq_len}, layer {i} {kind} done")
-            entries.append({"path": HOST_FILE, "role": "edgetpu", "layout": "segments",
-                            "seq_lens": [int(seq_len)],
-                            "pool_slots": int(calibration[seq_len][0]["pool"].shape[1]),
-                            "segments": files, "approach": APPROACH,
-                            "smoothing": smoothing.to_json(), "census": census,
-                            "calibration_per_bucket": len(calibration[seq_len])})
-    return entries
+    """Write every bucket's segments + the host constants; returns manifest entries
+    (``SegmentBuild`` without other work in between). ``workers`` processes convert
+    and quantise the segments (default ``default_workers()``)."""
+    with SegmentBuild(core, out_dir, buckets, calibration, smoothing, progress,
+                      workers) as build:
+        return build.collect()
 
 
 def default_workers() -> int:
@@ -324,6 +386,12 @@ def _segment_pool(workers: int) -> Iterator[Any]:
         yield _Inline()
         return
     # spawn, not fork: the parent holds torch's thread pools and a loaded checkpoint
-    with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"),
-                             initializer=torch.set_num_threads, initargs=(1,)) as pool:
+    pool = ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"),
+                               initializer=torch.set_num_threads, initargs=(1,))
+    try:
         yield pool
+    except BaseException:
+        # an error (or Ctrl-C) elsewhere: drop the queued segments, wait for the running
+        pool.shutdown(wait=True, cancel_futures=True)
+        raise
+    pool.shutdown(wait=True)

@@ -9,6 +9,7 @@ how the table in docs/quantization.md was measured; the export itself uses
 
 from __future__ import annotations
 
+import argparse
 import tempfile
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -171,8 +172,6 @@ KINDS = ("attn", "mlp")
 
 def _alphas(text: str) -> list[float]:
     """argparse type for --smoothing: four migration strengths in [0, 1]."""
-    import argparse
-
     try:
         alphas = [float(a) for a in text.split(",")]
     except ValueError:
@@ -185,8 +184,6 @@ def _alphas(text: str) -> list[float]:
 
 def _kinds(text: str) -> list[str]:
     """argparse type for --kinds: a comma list of attn, mlp."""
-    import argparse
-
     kinds = [k for k in text.split(",") if k]
     if not kinds or any(k not in KINDS for k in kinds):
         raise argparse.ArgumentTypeError(f"{text!r}: a comma list of {', '.join(KINDS)}")
@@ -201,11 +198,9 @@ def _run(args: Any) -> int:
     if args.mlp_groups < 1:
         from gemma_edge.errors import InputError
         raise InputError(f"--mlp-groups {args.mlp_groups}: at least 1")
-    if args.mlp_host_sum and args.mlp_groups < 2:
-        from gemma_edge.errors import InputError
-        raise InputError("--mlp-host-sum adds the partial outputs of channel groups: "
-                         "give --mlp-groups 2 or more")
     default = Smoothing()
+    if args.mlp_host_sum is None:
+        args.mlp_host_sum = default.mlp_host_sum
     alphas = args.smoothing or [default.attn_in, default.v, default.ff_in, default.act]
     if args.mlp_split is None:  # the export's, unless channel groups replace it
         args.mlp_split = 0.0 if args.mlp_groups > 1 else default.mlp_split
@@ -213,8 +208,14 @@ def _run(args: Any) -> int:
         from gemma_edge.errors import InputError
         raise InputError(f"--mlp-split {args.mlp_split}: a fraction in [0, 1) of the GELU "
                          "product's range (0: one int8 tensor), with --mlp-groups 1")
-    smoothing = Smoothing(*alphas, mlp_groups=args.mlp_groups,
-                          mlp_host_sum=args.mlp_host_sum, mlp_split=args.mlp_split)
+    if args.softmax_split is None:
+        args.softmax_split = default.softmax_split
+    if not 0.0 <= args.softmax_split < 1.0:
+        from gemma_edge.errors import InputError
+        raise InputError(f"--softmax-split {args.softmax_split}: a fraction in [0, 1) of the "
+                         "softmax row maximum (0: one int8 tensor)")
+    smoothing = Smoothing(*alphas, mlp_groups=args.mlp_groups, mlp_host_sum=args.mlp_host_sum,
+                          mlp_split=args.mlp_split, softmax_split=args.softmax_split)
     if args.tensor_snr:
         from .tensor_snr import format_table
 
@@ -246,13 +247,17 @@ def register(sub: Any) -> None:
                         "(default: the export's)")
     p.add_argument("--mlp-groups", type=int, default=1,
                    help="channel groups of the MLP's GELU product (1: one int8 scale)")
-    p.add_argument("--mlp-host-sum", action="store_true",
-                   help="with --mlp-groups: the segment returns the groups' partial outputs "
-                        "and the host adds them in float (instead of int8 ADDs in the graph)")
+    p.add_argument("--mlp-host-sum", action=argparse.BooleanOptionalAction, default=None,
+                   help="the MLP segment returns its partial outputs (the two ranges of "
+                        "--mlp-split, or the --mlp-groups) and the host adds them in float "
+                        "(--no-mlp-host-sum: an int8 ADD in the graph; default: the export's)")
     p.add_argument("--mlp-split", type=float, default=None,
                    help="two-range GELU product: the fine int8 tensor saturates at this "
                         "fraction of the product's range, the excess rides in a second "
                         "one (0: one tensor; default: the export's)")
+    p.add_argument("--softmax-split", type=float, default=None,
+                   help="two-range softmax weights: the fine int8 tensor saturates at this "
+                        "fraction of the row maximum (0: one tensor; default: the export's)")
     p.add_argument("--calibration", type=int, default=32, help="corpus samples")
     p.add_argument("--ranges", default=RangeStatistic.MOVING_AVERAGE.value,
                    choices=[r.value for r in RangeStatistic],

@@ -8,7 +8,7 @@ docs/quantization.md). Here each layer is two graphs, both fully int8 (int8
 inputs, activations, weights and outputs, Edge TPU-mappable ops only):
 
     attention segment  a [1, 1, T, C] int8, mask [1, T, T] int8 -> o [1, 1, T, C] int8
-    MLP segment        b [1, 1, T, C] int8                      -> m [1, 1, T, C] int8
+    MLP segment        b [1, 1, T, C] int8                      -> m [1, 2, T, C] int8
 
 and the host does what 8 bits cannot: the residual adds and the four RMSNorms
 of each layer in float32 (a few vector ops per token), the pooling, the Dense
@@ -37,6 +37,7 @@ host-side per-channel vectors (checked equal in float by ``check_float``):
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
 
@@ -66,6 +67,10 @@ class LayerScales:
     # GELU(gate) * up / act carried as two int8 tensors (Smoothing.mlp_split): a fine one
     # that saturates at act_split and the excess beyond it; 0: one tensor
     act_split: float = 0.0
+    # exp(-y) of the softmax carried as two int8 tensors (Smoothing.softmax_split): a fine
+    # one, min(exp(-y) / softmax_split, 1), and the excess of exp(-y) beyond softmax_split;
+    # 0: one tensor
+    softmax_split: float = 0.0
 
     @staticmethod
     def identity(c: int, d: int, i: int, heads: int = 1) -> LayerScales:
@@ -104,10 +109,13 @@ class Smoothing:
     # it there, but in the calibrated int8 graphs 2 and 4 groups were worse than one
     # (docs/quantization.md): 1 by default, kept for `segment-study --mlp-groups`.
     mlp_groups: int = 1
-    # Where the groups' partial down projections are added: in the graph (int8 ADDs,
-    # each partial calibrated on its own min/max) or on the host in float, the segment
-    # returning the G partials [1, G, T, C], each with its own per-channel output scale.
-    mlp_host_sum: bool = False
+    # Where the MLP's partial down projections (the two ranges of mlp_split, or the
+    # channel groups) are added: in the graph (an int8 ADD, one per-tensor scale for
+    # the sum) or on the host in float, the segment returning the partials [1, G, T, C]
+    # (G = 2 for the two ranges), each with its own per-channel output scale. Measured
+    # for the two ranges (64 tokens, both kinds, 24 texts): 0.9913 / 0.9845 against
+    # 0.9905 / 0.9835 with the ADD, for one more [T, C] int8 output per MLP call.
+    mlp_host_sum: bool = True
     # Two-range GELU product: the MUL is computed twice, once saturating at this fraction
     # of the product's calibrated absmax (fine steps for the bulk of the values) and once
     # at full range, from which only the part beyond the saturation level is kept (exact
@@ -116,11 +124,18 @@ class Smoothing:
     # the same step; this gives the common ones 1/mlp_split finer steps. 0: one tensor;
     # off with mlp_groups > 1. Measured in docs/quantization.md.
     mlp_split: float = 0.125
+    # Two-range softmax weights: exp(max - s) is in (0, 1] with its int8 steps of 1/255 set
+    # by the row maximum, and most of a row's weights are small. With this fraction r > 0
+    # the segment also computes min(exp(-y) / r, 1) = exp(-relu(y - ln(1/r))) (its own
+    # LOGISTIC chain: 1/r finer steps for the small weights) and keeps of the coarse
+    # exp(-y) only its excess beyond r (exact zero below); both weight v and the row sum.
+    # 0: one tensor.
+    softmax_split: float = 0.0
 
     def to_json(self) -> dict[str, float]:
         return {"attn_in": self.attn_in, "v": self.v, "ff_in": self.ff_in, "act": self.act,
                 "mlp_groups": self.mlp_groups, "mlp_host_sum": self.mlp_host_sum,
-                "mlp_split": self.mlp_split}
+                "mlp_split": self.mlp_split, "softmax_split": self.softmax_split}
 
 
 def smooth(act_absmax: torch.Tensor, weight_colmax: torch.Tensor, alpha: float) -> torch.Tensor:
@@ -181,6 +196,7 @@ class AttentionSegment(nn.Module):
             inside = (band_bias(seq_len, window_radius, 1.0) + 1.0)
         self.register_buffer("band", inside.reshape(1, seq_len, 1, seq_len), persistent=False)
         self.sliding_band = bool(sliding and window_radius < seq_len)
+        self.softmax_split = float(scales.softmax_split)
 
     def forward(self, a: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         seq, heads, hd = self.seq_len, self.heads, self.hd
@@ -201,13 +217,36 @@ class AttentionSegment(nn.Module):
         # negative the shift is 0 instead of the max, still exact in float)
         low = torch.amin(neg * visible, -1, keepdim=True)
         y = torch.relu(neg - low)                                          # >= 0 where visible
-        r = torch.rsqrt(torch.sigmoid(y))
-        e = torch.sigmoid(-y) * r * r * visible                            # exp(-y), masked
+        e = _exp_neg(y) * visible                                          # exp(-y), masked
+        if self.softmax_split > 0.0:
+            return _apply(self.o, self._two_range_weights(y, e, visible, v))
         inv = torch.rsqrt(e.sum(-1, keepdim=True))                         # 1 / sqrt(row sum)
         p = (e * inv).reshape(1, seq * heads, seq, 1)
         o = CoralLayer._blocks(p, v, 2, self.max_product).reshape(1, seq, heads, hd)
         o = (o * inv).reshape(1, 1, seq, heads * hd)
         return _apply(self.o, o)
+
+    def _two_range_weights(self, y: torch.Tensor, e: torch.Tensor, visible: torch.Tensor,
+                           v: torch.Tensor) -> torch.Tensor:
+        """sum_j exp(-y_j) v_j / sum_j exp(-y_j) with the weights in two int8 ranges:
+        exp(-y) = r * fine + excess, fine = exp(-relu(y - ln(1/r))) in (0, 1], excess =
+        relu(exp(-y) - r). Exact in float."""
+        seq, heads, hd, r = self.seq_len, self.heads, self.hd, self.softmax_split
+        fine = _exp_neg(torch.relu(y - math.log(1.0 / r))) * visible
+        excess = torch.relu(e - r)
+        total = fine.sum(-1, keepdim=True) * r + excess.sum(-1, keepdim=True)
+        inv = torch.rsqrt(total)                                           # 1 / sqrt(row sum)
+        parts = [CoralLayer._blocks((w * inv).reshape(1, seq * heads, seq, 1), v, 2,
+                                    self.max_product) for w in (fine, excess)]
+        o = (parts[0] * r + parts[1]).reshape(1, seq, heads, hd) * inv
+        return o.reshape(1, 1, seq, heads * hd)
+
+
+def _exp_neg(y: torch.Tensor) -> torch.Tensor:
+    """exp(-y) for y >= 0 in Edge TPU ops: sigmoid(-y) / sigmoid(y), the division a square
+    of RSQRT (sigmoid(y) is in [0.5, 1])."""
+    r = torch.rsqrt(torch.sigmoid(y))
+    return torch.sigmoid(-y) * r * r
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -233,23 +272,28 @@ class MlpSegment(nn.Module):
         members = [torch.from_numpy(np.flatnonzero(groups == g)) for g in np.unique(groups)]
         self.gate = nn.ModuleList(_conv(w_gate[idx]) for idx in members)
         self.up = nn.ModuleList(_conv(w_up[idx]) for idx in members)
-        out_scale = (_t(scales.ff_out) if self.host_sum
-                     else _t(scales.ff_out)[None].expand(len(members), -1))
-        if out_scale.shape[0] != len(members):
-            raise QuantizationError(f"{out_scale.shape[0]} output scales for {len(members)} "
-                                    "MLP channel groups")
-        self.down = nn.ModuleList(_conv(w_down[:, idx] / out_scale[g][:, None])
-                                  for g, idx in enumerate(members))
         self.split = float(scales.act_split)
+        # partial outputs: one per channel group, or the two ranges (fine, excess)
+        partials = 2 if self.split > 0.0 else len(members)
+        if self.split > 0.0 and len(members) > 1:
+            raise QuantizationError("the two-range GELU product (mlp_split) needs one MLP "
+                                    "channel group")
+        out_scale = (_t(scales.ff_out) if self.host_sum
+                     else _t(scales.ff_out)[None].expand(partials, -1))
+        if out_scale.shape[0] != partials:
+            raise QuantizationError(f"{out_scale.shape[0]} output scales for {partials} "
+                                    "partial MLP outputs")
         if self.split > 0.0:
-            if len(members) > 1 or self.host_sum:
-                raise QuantizationError("the two-range GELU product (mlp_split) needs one "
-                                        "MLP channel group")
             # the fine product is (gelu(gate) * up / split) clamped to +-1: its own up
             # weights (a distinct MUL, which the converter cannot merge with the coarse
-            # one) and its own down weights times split
+            # one) and its own down weights times split; the excess goes through down.
+            # With host_sum each partial has its own per-channel output scale.
             self.up_fine = _conv(w_up / self.split)
             self.down_fine = _conv(w_down / out_scale[0][:, None] * self.split)
+            self.down = nn.ModuleList([_conv(w_down / out_scale[1][:, None])])
+        else:
+            self.down = nn.ModuleList(_conv(w_down[:, idx] / out_scale[g][:, None])
+                                      for g, idx in enumerate(members))
 
     def _two_range(self, b: torch.Tensor) -> torch.Tensor:
         gelu = gelu_sigmoid(_apply(self.gate[0], b))
@@ -258,7 +302,10 @@ class MlpSegment(nn.Module):
         fine = torch.clamp(gelu * _apply(self.up_fine, b), -1.0, 1.0)
         # SUBs with fused RELUs: exactly 0 (the zero point) wherever |coarse| <= split
         excess = torch.relu(coarse - self.split) - torch.relu(-self.split - coarse)
-        return _apply(self.down_fine, fine) + _apply(self.down[0], excess)
+        parts = (_apply(self.down_fine, fine), _apply(self.down[0], excess))
+        if self.host_sum:
+            return torch.cat(parts, dim=1)                                # [1, 2, T, C]
+        return parts[0] + parts[1]
 
     def forward(self, b: torch.Tensor) -> torch.Tensor:
         if self.split > 0.0:
@@ -418,16 +465,29 @@ def measure_scales(core: EncoderCore, samples: Sequence[dict[str, np.ndarray]],
                          smoothing.act) for i, layer in enumerate(core.layers)]
     groups = [channel_groups((stats[(i, "act")] / act_scales[i]).numpy(), smoothing.mlp_groups)
               for i in range(n)]
-    if smoothing.mlp_host_sum and smoothing.mlp_groups > 1:
-        # second pass: each group's partial down projection, its own per-channel absmax
+    # the product's absmax after smoothing sets where its fine tensor saturates
+    # (channel groups, a study option, replace the two ranges)
+    splits = [smoothing.mlp_split * float((stats[(i, "act")] / act_scales[i]).max())
+              if smoothing.mlp_split > 0.0 and smoothing.mlp_groups == 1 else 0.0
+              for i in range(n)]
+    if smoothing.mlp_host_sum and (smoothing.mlp_groups > 1 or max(splits) > 0.0):
+        # second pass: each partial down projection (channel group, or the fine and the
+        # excess range of the product), its own per-channel absmax
         members = [[torch.from_numpy(np.flatnonzero(g == k)) for k in np.unique(g)]
                    for g in groups]
 
         def partials(i: int, act: torch.Tensor) -> torch.Tensor:
             w = core.layers[i].down_proj.weight
-            for k, idx in enumerate(members[i]):
-                keep(i, f"ff_out_{k}", (act[:, idx] @ w[:, idx].T)[live_now[0]])
-            return core.layers[i].down_proj(act)
+            full = core.layers[i].down_proj(act)
+            if splits[i] > 0.0:
+                scale = act_scales[i].to(act.dtype)
+                fine = ((act / scale).clamp(-splits[i], splits[i]) * scale) @ w.T
+                keep(i, "ff_out_0", fine[live_now[0]])
+                keep(i, "ff_out_1", (full - fine)[live_now[0]])
+            else:
+                for k, idx in enumerate(members[i]):
+                    keep(i, f"ff_out_{k}", (act[:, idx] @ w[:, idx].T)[live_now[0]])
+            return full
 
         float_pass(partials)
     out = []
@@ -445,17 +505,14 @@ def measure_scales(core: EncoderCore, samples: Sequence[dict[str, np.ndarray]],
         attn_out = stats[(i, "attn_out")].clamp(min=1e-6)
         ff_out = stats[(i, "ff_out")].clamp(min=1e-6)
         if (i, "ff_out_0") in stats:  # [G, C]: partial outputs summed on the host
-            ff_out = torch.stack([stats[(i, f"ff_out_{k}")] for k in range(len(np.unique(
-                act_groups)))]).clamp(min=1e-6)
+            count = 2 if splits[i] > 0.0 else len(np.unique(act_groups))
+            ff_out = torch.stack([stats[(i, f"ff_out_{k}")]
+                                  for k in range(count)]).clamp(min=1e-6)
         q_abs, k_abs = stats[(i, "q")].clamp(min=1e-6), stats[(i, "k")].clamp(min=1e-6)
-        # the product's absmax after smoothing sets where its fine tensor saturates
-        # (channel groups, a study option, replace the two ranges)
-        split = 0.0
-        if smoothing.mlp_split > 0.0 and smoothing.mlp_groups == 1:
-            split = smoothing.mlp_split * float((stats[(i, "act")] / act).max())
         out.append(LayerScales(*(t.numpy().astype(np.float32) for t in
                                  (attn_in, v, attn_out, ff_in, act, ff_out, q_abs, k_abs)),
-                               act_groups=act_groups, act_split=split))
+                               act_groups=act_groups, act_split=splits[i],
+                               softmax_split=smoothing.softmax_split))
     if not all(np.isfinite(v).all() for s in out for v in vars(s).values() if v is not None):
         raise QuantizationError("per-channel scales are not finite: the float encoder "
                                 "produced inf/NaN on the calibration inputs")

@@ -217,12 +217,6 @@ def test_segment_study_rejects_a_bad_mlp_split(tmp_path, capsys, extra):
     assert code != 0 and "a fraction in [0, 1)" in capsys.readouterr().err
 
 
-def test_segment_study_rejects_host_sum_without_groups(tmp_path, capsys):
-    code = main(["segment-study", "--checkpoint", str(tmp_path), "--artifacts", str(tmp_path),
-                 "--mlp-host-sum"])
-    assert code != 0 and "give --mlp-groups 2 or more" in capsys.readouterr().err
-
-
 def test_eval_rejects_bad_dims(tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
         main(["eval", "--artifacts", str(tmp_path), "--checkpoint", str(tmp_path),

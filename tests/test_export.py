@@ -238,6 +238,40 @@ def test_failed_verification_leaves_nothing(tiny_checkpoint, tmp_path, monkeypat
     assert list(tmp_path.iterdir()) == []
 
 
+def test_failure_while_segments_build_cancels_them_and_leaves_nothing(tiny_checkpoint, tmp_path,
+                                                                      monkeypatch):
+    """The Edge TPU segments start on worker processes before the float conversion; a
+    failure after that stops the workers and removes the staging folder."""
+    import multiprocessing
+
+    from gemma_edge.export import pipeline
+    from gemma_edge.export.segment_build import SegmentBuild
+
+    started = []
+    enter = SegmentBuild.__enter__
+
+    def recorded(self):
+        started.append(self)
+        return enter(self)
+
+    def broken(*args, **kwargs):
+        assert started, "the segments should be running during the float verification"
+        raise VerificationError("simulated mismatch")
+
+    monkeypatch.setattr(SegmentBuild, "__enter__", recorded)
+    monkeypatch.setattr(pipeline, "verify_artifacts", broken)
+    out = tmp_path / "art"
+    with pytest.raises(VerificationError):
+        pipeline.run_export(str(tiny_checkpoint), out, pipeline.ExportOptions(
+            buckets=(16,), pool_slots=2, edgetpu_buckets=(16,), evaluate=False))
+    assert not out.exists()
+    assert list(tmp_path.iterdir()) == []
+    assert multiprocessing.active_children() == []  # the worker pool is shut down
+    # jobs not yet started were dropped (2 workers ran at most 2-4 of the 2 x layers)
+    jobs = [job for seq_jobs in started[0]._jobs.values() for _, _, job in seq_jobs]
+    assert jobs and all(job.done() for job in jobs)
+
+
 def test_max_open_graphs_bounds_open_files(tiny_artifacts, embedder):
     # the Interpreter path (no weight cache) runs the per-bucket int8 files
     emb = Embedder(tiny_artifacts, backend="cpu", precision="int8", max_open_graphs=1,

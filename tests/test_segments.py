@@ -207,7 +207,10 @@ def test_range_statistics_of_the_calibration(tiny_core, calibration):
                                 ranges)
         check_fully_int8(data)
         interp = Interpreter(model_content=data)
-        out_scale[ranges] = interp.get_output_details()[0]["quantization"][0]
+        # the gate projection's output: its range differs from sample to sample (the
+        # segment's outputs are normalised per channel over these same samples)
+        gate = next(op for op in interp._get_ops_details() if op["op_name"] == "CONV_2D")
+        out_scale[ranges] = interp._get_tensor_details(gate["outputs"][0], 0)["quantization"][0]
     assert out_scale[RangeStatistic.MAX] > out_scale[RangeStatistic.MEDIAN] > 0
     assert out_scale[RangeStatistic.MAX] >= out_scale[RangeStatistic.MOVING_AVERAGE] > 0
     # MSE only ever shrinks the moving-average range
@@ -318,6 +321,38 @@ def test_row_blocks_of_one_product_share_one_range(tiny_core, calibration):
         assert len({scale[m["outputs"][0]] for m in muls}) == 1
 
 
+def test_two_range_softmax_is_exact_in_float_and_fully_int8(tiny_core, calibration, tmp_path):
+    """softmax_split: exp(-y) as r * min(exp(-y) / r, 1) plus its excess beyond r, each
+    weighting v in its own int8 range. Exact in float, fully int8, Edge TPU-mappable."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    from gemma_edge.compile.mapper import analyze
+    from gemma_edge.export import segments as seg
+    from gemma_edge.export.quantize import check_fully_int8
+    from gemma_edge.export.segment_build import (
+        FLOAT_EQUALITY,
+        check_float,
+        quantize_segment,
+        record_segment_inputs,
+    )
+
+    samples = calibration[BUCKET]
+    scales = seg.measure_scales(tiny_core, samples, seg.Smoothing(softmax_split=0.125))
+    assert all(s.softmax_split == 0.125 for s in scales)
+    segments = seg.layer_segments(tiny_core, BUCKET, scales)
+    assert check_float(tiny_core, scales, segments, samples) >= FLOAT_EQUALITY
+    feeds = record_segment_inputs(tiny_core, scales, segments, samples[:3])[(0, "attn")]
+    data = quantize_segment("attn", segments[0][0], BUCKET, tiny_core.spec.hidden_size, feeds)
+    check_fully_int8(data)
+    ops = [op["op_name"] for op in Interpreter(model_content=data)._get_ops_details()]
+    assert "QUANTIZE" not in ops and "DEQUANTIZE" not in ops, ops
+    assert ops.count("LOGISTIC") == 4  # two exp(-y) chains: coarse and fine
+    path = tmp_path / "attn.tflite"
+    path.write_bytes(data)
+    report = analyze(path)
+    assert report.compiles, report.fatal
+
+
 def test_segments_built_in_worker_processes_equal_the_inline_build(tiny_core, calibration,
                                                                    tmp_path):
     """Two worker processes (the export's default on 2 cores) write the same files."""
@@ -356,8 +391,16 @@ def test_two_range_gelu_product_is_exact_in_float_and_fully_int8(tiny_core, cali
     split = seg.measure_scales(tiny_core, samples, seg.Smoothing(mlp_split=0.125))
     one = seg.measure_scales(tiny_core, samples, seg.Smoothing(mlp_split=0.0))
     assert all(s.act_split > 0 for s in split) and all(s.act_split == 0 for s in one)
+    # the two partials (fine, excess) go to the host, each with its own output scales
+    assert split[0].ff_out.shape == (2, hidden) and one[0].ff_out.shape == (hidden,)
+    assert not np.allclose(split[0].ff_out[0], split[0].ff_out[1])
     split_segments = seg.layer_segments(tiny_core, BUCKET, split)
     assert check_float(tiny_core, split, split_segments, samples) >= FLOAT_EQUALITY
+    # ... or are added in the graph (mlp_host_sum=False): exact too
+    added = seg.measure_scales(tiny_core, samples, seg.Smoothing(mlp_host_sum=False))
+    assert added[0].ff_out.shape == (hidden,)
+    assert check_float(tiny_core, added, seg.layer_segments(tiny_core, BUCKET, added),
+                       samples) >= FLOAT_EQUALITY
     one_segments = seg.layer_segments(tiny_core, BUCKET, one)
     feeds = {name: record_segment_inputs(tiny_core, scales, segments, samples)[(0, "mlp")]
              for name, scales, segments in (("split", split, split_segments),
@@ -370,7 +413,7 @@ def test_two_range_gelu_product_is_exact_in_float_and_fully_int8(tiny_core, cali
     assert (coarse.abs() > mlp.split).any() and (coarse.abs() <= mlp.split).float().mean() > 0.5
 
     errors = {}
-    for name, segment in (("split", mlp), ("one", one_segments[0][1])):
+    for name, segment, scales in (("split", mlp, split), ("one", one_segments[0][1], one)):
         layer_feeds = feeds[name]
         data = quantize_segment("mlp", segment, BUCKET, hidden, layer_feeds)
         check_fully_int8(data)
@@ -378,11 +421,17 @@ def test_two_range_gelu_product_is_exact_in_float_and_fully_int8(tiny_core, cali
         assert "QUANTIZE" not in ops and "DEQUANTIZE" not in ops, ops
         assert ops.count("CONV_2D") == (5 if name == "split" else 3)
         run = _Segment(Interpreter(model_content=data), name)
+        out_scale = scales[0].ff_out.reshape(-1, 1, hidden)
+
+        def branch(out: np.ndarray, out_scale: np.ndarray = out_scale) -> np.ndarray:
+            # what the host adds to the stream
+            return (out.reshape(-1, BUCKET, hidden) * out_scale).sum(0)
+
         err, ref_norm = 0.0, 0.0
         for feed in layer_feeds:
             with torch.no_grad():
-                ref = segment(torch.from_numpy(feed["b"])).numpy()
-            err += float(((run(feed["b"]) - ref) ** 2).sum())
+                ref = branch(segment(torch.from_numpy(feed["b"])).numpy())
+            err += float(((branch(run(feed["b"])) - ref) ** 2).sum())
             ref_norm += float((ref ** 2).sum())
         errors[name] = (err / ref_norm) ** 0.5
         if name == "split":
@@ -406,7 +455,8 @@ def test_tensor_snr_follows_the_error_through_a_segment(tiny_checkpoint, tiny_ar
                           ["mlp"], [0])
     rows = tables["layer 00 / mlp"]
     ops = [r.op for r in rows]
-    assert ops[0] == "CONV_2D" and ops.count("CONV_2D") == 5 and ops[-1] == "ADD"
+    # the last op joins the two ranges' partial outputs for the host
+    assert ops[0] == "CONV_2D" and ops.count("CONV_2D") == 5 and ops[-1] == "CONCATENATION"
     assert all(np.isfinite(r.snr_db) for r in rows)
     assert rows[0].snr_db > 25.0, rows[0]            # one int8 rounding of a projection
     assert 5.0 < rows[-1].snr_db < rows[0].snr_db    # the output carries the whole chain
