@@ -34,6 +34,7 @@ from .segments import (
     layer_segments,
     measure_scales,
     sample_tensors,
+    segment_inputs,
     torch_runner,
 )
 
@@ -227,28 +228,6 @@ def float_segment(kind: str, segment: AttentionSegment | MlpSegment, seq_len: in
     return _convert_segment(module, sample)
 
 
-@torch.no_grad()
-def record_segment_inputs(core: EncoderCore, scales: Sequence[LayerScales],
-                          segments: Sequence[tuple[AttentionSegment, MlpSegment]],
-                          samples: Sequence[dict[str, np.ndarray]]
-                          ) -> dict[tuple[int, str], list[dict[str, np.ndarray]]]:
-    """Each segment's inputs ({(layer, kind): [feeds]}) as the float host loop makes them.
-
-    These are the segments' calibration data: the host computes them in float on the
-    device too, so every segment is calibrated on exactly what it will see.
-    """
-    float_run = torch_runner(segments)
-    inputs: dict[tuple[int, str], list[dict[str, np.ndarray]]] = {}
-    for sample in samples:
-        def run(i: int, kind: str, x: torch.Tensor, mask: Optional[torch.Tensor],
-                sample: dict[str, np.ndarray] = sample) -> torch.Tensor:
-            inputs.setdefault((i, kind), []).append(
-                {"a": x.numpy(), "mask": sample["mask"]} if kind == "attn" else {"b": x.numpy()})
-            return float_run(i, kind, x, mask)
-        host_forward(core, scales, run, *sample_tensors(sample))
-    return inputs
-
-
 class SegmentBuild:
     """The segments of every bucket, converted and quantised by worker processes while
     the caller does other work (the export converts its float and CPU int8 graphs
@@ -303,7 +282,7 @@ class SegmentBuild:
                 worst = check_float(core, scales, segments, self.calibration[seq_len][:2])
                 self.float_check[seq_len] = worst
                 self._say(f"segments: bucket {seq_len} equal in float (cos {worst:.7f})")
-                inputs = record_segment_inputs(core, scales, segments, self.calibration[seq_len])
+                inputs = segment_inputs(core, scales, self.calibration[seq_len])
                 jobs = []
                 for i, pair in enumerate(segments):
                     for kind, segment in zip(("attn", "mlp"), pair):

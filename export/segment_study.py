@@ -86,7 +86,7 @@ def _study(checkpoint: str, art_dir: Path, seq_len: int, smoothing: Any,
     from .calibration import calibration_set
     from .checkpoint import load_checkpoint
     from .encoder import BucketEncoder, build_encoder
-    from .segment_build import quantize_segment, record_segment_inputs
+    from .segment_build import quantize_segment
 
     core, _ = build_encoder(load_checkpoint(checkpoint))
     cal = calibration_set(art_dir, [seq_len], calibration, ladder=ladder)[seq_len]
@@ -94,7 +94,7 @@ def _study(checkpoint: str, art_dir: Path, seq_len: int, smoothing: Any,
     scales = seg.measure_scales(core, cal, smoothing)
     segments = seg.layer_segments(core, seq_len, scales)
     float_run = seg.torch_runner(segments)
-    inputs = record_segment_inputs(core, scales, segments, cal)
+    inputs = seg.segment_inputs(core, scales, cal)
     hidden = core.spec.hidden_size
     int8: dict[tuple[int, str], Any] = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -142,7 +142,7 @@ def tensor_study(checkpoint: str, art_dir: Path, seq_len: int, smoothing: Any,
     from .calibration import calibration_set
     from .checkpoint import load_checkpoint
     from .encoder import build_encoder
-    from .segment_build import float_segment, quantize_float_segment, record_segment_inputs
+    from .segment_build import float_segment, quantize_float_segment
     from .tensor_snr import tensor_snr
 
     with torch.no_grad():
@@ -154,9 +154,9 @@ def tensor_study(checkpoint: str, art_dir: Path, seq_len: int, smoothing: Any,
         cal = calibration_set(art_dir, [seq_len], calibration, ladder=ladder)[seq_len]
         scales = seg.measure_scales(core, cal, smoothing)
         segments = seg.layer_segments(core, seq_len, scales)
-        cal_inputs = record_segment_inputs(core, scales, segments, cal)
-        eval_inputs = record_segment_inputs(core, scales, segments,
-                                            full_bucket_inputs(art_dir, seq_len, texts))
+        cal_inputs = seg.segment_inputs(core, scales, cal)
+        eval_inputs = seg.segment_inputs(core, scales,
+                                         full_bucket_inputs(art_dir, seq_len, texts))
         out: dict[str, list[Any]] = {}
         for i in layers:
             for kind in kinds:

@@ -42,6 +42,22 @@ def test_segmented_rewrite_is_exact_in_float(tiny_core, calibration):
     assert not np.allclose(scales[0].attn_in, 1.0) and not np.allclose(scales[0].act, 1.0)
     segments = seg.layer_segments(tiny_core, BUCKET, scales)
     assert check_float(tiny_core, scales, segments, samples) >= FLOAT_EQUALITY
+    # calibration inputs from the encoder's own layers = those of the float segments
+    fast = seg.segment_inputs(tiny_core, scales, samples[:2])
+    slow: dict = {}
+
+    def run(i, kind, x, mask):
+        slow.setdefault((i, kind), []).append(x.numpy())
+        return seg.torch_runner(segments)(i, kind, x, mask)
+
+    for sample in samples[:2]:
+        seg.host_forward(tiny_core, scales, run, *seg.sample_tensors(sample))
+    assert fast.keys() == slow.keys() and len(fast[(0, "attn")]) == 2
+    for key, feeds in fast.items():
+        for feed, ref in zip(feeds, slow[key]):
+            got = feed["a" if key[1] == "attn" else "b"]
+            assert got.shape == ref.shape
+            assert np.abs(got - ref).max() <= 1e-4 * np.abs(ref).max(), key
     # the MLP split into channel groups (equal sizes, ranked by range) is exact too
     grouped = seg.measure_scales(tiny_core, samples, seg.Smoothing(mlp_groups=4))
     assert sorted(np.bincount(grouped[0].act_groups)) == [36] * 4
@@ -193,12 +209,12 @@ def test_range_statistics_of_the_calibration(tiny_core, calibration):
 
     from gemma_edge.export import segments as seg
     from gemma_edge.export.quantize import RangeStatistic, check_fully_int8
-    from gemma_edge.export.segment_build import quantize_segment, record_segment_inputs
+    from gemma_edge.export.segment_build import quantize_segment
 
     samples = calibration[BUCKET][:4]
     scales = seg.measure_scales(tiny_core, samples)
     segments = seg.layer_segments(tiny_core, BUCKET, scales)
-    feeds = record_segment_inputs(tiny_core, scales, segments, samples)[(0, "mlp")]
+    feeds = seg.segment_inputs(tiny_core, scales, samples)[(0, "mlp")]
     assert len(feeds) == 4
     out_scale = {}
     for ranges in (RangeStatistic.MAX, RangeStatistic.MEDIAN, RangeStatistic.MOVING_AVERAGE,
@@ -287,14 +303,13 @@ def test_row_blocks_of_one_product_share_one_range(tiny_core, calibration):
         _AttnSeg,
         _convert_segment,
         quantize_segment,
-        record_segment_inputs,
     )
 
     samples = calibration[BUCKET][:4]
     scales = seg.measure_scales(tiny_core, samples)
     hd = tiny_core.layers[0].head_dim
     segments = seg.layer_segments(tiny_core, BUCKET, scales, max_product=BUCKET * hd * 8)
-    feeds = record_segment_inputs(tiny_core, scales, segments, samples)[(0, "attn")]
+    feeds = seg.segment_inputs(tiny_core, scales, samples)[(0, "attn")]
     hidden = tiny_core.spec.hidden_size
     float_model = _convert_segment(_AttnSeg(segments[0][0]), {
         "a": torch.zeros(1, 1, BUCKET, hidden), "mask": torch.ones(1, BUCKET, BUCKET)})
@@ -333,7 +348,6 @@ def test_two_range_softmax_is_exact_in_float_and_fully_int8(tiny_core, calibrati
         FLOAT_EQUALITY,
         check_float,
         quantize_segment,
-        record_segment_inputs,
     )
 
     samples = calibration[BUCKET]
@@ -341,7 +355,7 @@ def test_two_range_softmax_is_exact_in_float_and_fully_int8(tiny_core, calibrati
     assert all(s.softmax_split == 0.125 for s in scales)
     segments = seg.layer_segments(tiny_core, BUCKET, scales)
     assert check_float(tiny_core, scales, segments, samples) >= FLOAT_EQUALITY
-    feeds = record_segment_inputs(tiny_core, scales, segments, samples[:3])[(0, "attn")]
+    feeds = seg.segment_inputs(tiny_core, scales, samples[:3])[(0, "attn")]
     data = quantize_segment("attn", segments[0][0], BUCKET, tiny_core.spec.hidden_size, feeds)
     check_fully_int8(data)
     ops = [op["op_name"] for op in Interpreter(model_content=data)._get_ops_details()]
@@ -383,7 +397,6 @@ def test_two_range_gelu_product_is_exact_in_float_and_fully_int8(tiny_core, cali
         FLOAT_EQUALITY,
         check_float,
         quantize_segment,
-        record_segment_inputs,
     )
 
     samples = calibration[BUCKET]
@@ -402,7 +415,7 @@ def test_two_range_gelu_product_is_exact_in_float_and_fully_int8(tiny_core, cali
     assert check_float(tiny_core, added, seg.layer_segments(tiny_core, BUCKET, added),
                        samples) >= FLOAT_EQUALITY
     one_segments = seg.layer_segments(tiny_core, BUCKET, one)
-    feeds = {name: record_segment_inputs(tiny_core, scales, segments, samples)[(0, "mlp")]
+    feeds = {name: seg.segment_inputs(tiny_core, scales, samples)[(0, "mlp")]
              for name, scales, segments in (("split", split, split_segments),
                                             ("one", one, one_segments))}
 
