@@ -478,3 +478,15 @@ def test_tensor_snr_follows_the_error_through_a_segment(tiny_checkpoint, tiny_ar
     with pytest.raises(InputError, match="layers 0-"):
         tensor_study(str(tiny_checkpoint), tiny_artifacts, BUCKET, Smoothing(), 4, 4,
                      ["mlp"], [99])
+
+
+def test_tensor_snr_needs_documents_that_fill_the_bucket(tiny_artifacts):
+    """--tensor-snr compares tensors over held-out documents cut to the bucket; a bucket
+    longer than every document is refused with what to do, not run on padding."""
+    from gemma_edge.errors import InputError
+    from gemma_edge.export.segment_study import full_bucket_inputs
+
+    inputs = full_bucket_inputs(tiny_artifacts, BUCKET, 2)
+    assert len(inputs) == 2 and all(x["pool"][0, 0].sum() == BUCKET for x in inputs)
+    with pytest.raises(InputError, match="no held-out document has 100000 tokens"):
+        full_bucket_inputs(tiny_artifacts, 100000, 2)
