@@ -212,37 +212,47 @@ def build_cpu_int8(core: Any, art_dir: Path, buckets: Sequence[int], slots: int,
                    mask_penalty: float, config: QuantConfig = CPU_INT8,
                    progress: Optional[Any] = None,
                    shared_from: Optional[Path] = None) -> list[dict[str, Any]]:
-    """Role "int8" graphs, one file per bucket, from per-bucket float conversions; with
-    ``shared_from`` (the multi-signature float file) also role "int8-shared" (below)."""
+    """Role "int8" graphs, one file per bucket; with ``shared_from`` (the multi-signature
+    float file) also role "int8-shared" (below), and the per-bucket files are cut out of
+    it (``signatures.extract_signature``: the same weights and ops, no more conversions);
+    without it (or for calibrated approaches) each bucket is converted on its own."""
     from .calibration import calibration_set
-    from .convert import convert_buckets, graph_entry
+    from .convert import convert_buckets, graph_entry, signature_name
     from .encoder import BucketEncoder
+    from .signatures import extract_signature
 
     calibration: dict[int, list[dict[str, np.ndarray]]] = {}
     if config.approach is not Approach.DYNAMIC_INT8:
         calibration = calibration_set(art_dir, buckets, config.calibration_per_bucket)
+    shared: Optional[bytes] = None
+    shared_entry: list[dict[str, Any]] = []
+    if shared_from is not None and config.approach is Approach.DYNAMIC_INT8:
+        if progress:
+            progress("int8 CPU graph, all buckets in one file: quantising")
+        shared = quantize_graph(shared_from.read_bytes(), f"encode_{buckets[0]}", config, [])
+        atomic_write_bytes(art_dir / SHARED_INT8, shared)
+        shared_entry.append(graph_entry(SHARED_INT8, "int8-shared", buckets, slots,
+                                        mask_penalty, approach=config.approach.value,
+                                        census=tensor_dtype_census(shared)))
     entries = []
     for seq_len in buckets:
-        if progress:
-            progress(f"int8 CPU graph, bucket {seq_len}: converting + quantising")
-        model = convert_buckets({seq_len: BucketEncoder(core, seq_len, mask_penalty).eval()},
-                                core.spec.hidden_size, slots)
-        quantized = quantize_graph(model.model_content(), f"encode_{seq_len}", config,
-                                   calibration.get(seq_len, []))
+        if shared is not None:
+            if progress:
+                progress(f"int8 CPU graph, bucket {seq_len}: cut out of the one-file graph")
+            quantized = extract_signature(shared, signature_name(seq_len))
+        else:
+            if progress:
+                progress(f"int8 CPU graph, bucket {seq_len}: converting + quantising")
+            model = convert_buckets({seq_len: BucketEncoder(core, seq_len, mask_penalty).eval()},
+                                    core.spec.hidden_size, slots)
+            quantized = quantize_graph(model.model_content(), f"encode_{seq_len}", config,
+                                       calibration.get(seq_len, []))
         name = f"encoder_int8_{seq_len}.tflite"
         atomic_write_bytes(art_dir / name, quantized)
         entries.append(graph_entry(name, "int8", [seq_len], slots, mask_penalty,
                                    approach=config.approach.value,
                                    census=tensor_dtype_census(quantized)))
-    if shared_from is not None and config.approach is Approach.DYNAMIC_INT8:
-        if progress:
-            progress("int8 CPU graph, all buckets in one file: quantising")
-        quantized = quantize_graph(shared_from.read_bytes(), f"encode_{buckets[0]}", config, [])
-        atomic_write_bytes(art_dir / SHARED_INT8, quantized)
-        entries.append(graph_entry(SHARED_INT8, "int8-shared", buckets, slots, mask_penalty,
-                                   approach=config.approach.value,
-                                   census=tensor_dtype_census(quantized)))
-    return entries
+    return entries + shared_entry
 
 
 # The float export is one multi-signature file whose buckets share every weight buffer;

@@ -272,6 +272,39 @@ def test_failure_while_segments_build_cancels_them_and_leaves_nothing(tiny_check
     assert jobs and all(job.done() for job in jobs)
 
 
+def test_per_bucket_int8_files_are_cut_out_of_the_one_file_graph(tiny_artifacts):
+    """The per-bucket CPU int8 files hold one signature each of the one-file int8 graph:
+    same outputs bit for bit, weights stored after the flatbuffer (16-byte aligned)."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    from gemma_edge.errors import QuantizationError
+    from gemma_edge.export.signatures import extract_signature, signature_keys
+
+    manifest = load_manifest(tiny_artifacts)
+    buckets, hidden = manifest["buckets"], manifest["model"]["hidden_size"]
+    shared = (tiny_artifacts / "encoder_int8_all.tflite").read_bytes()
+    keys = signature_keys(shared)
+    assert len(keys) == len(buckets) > 1
+    rng = np.random.default_rng(0)
+    for seq_len in buckets:
+        key = f"encode_{seq_len}"
+        one = (tiny_artifacts / f"encoder_int8_{seq_len}.tflite").read_bytes()
+        assert one == extract_signature(shared, key) and signature_keys(one) == [key]
+        assert len(one) < len(shared)
+        feeds = {"embeddings": rng.normal(0.0, 0.05, (1, seq_len, hidden)).astype(np.float32),
+                 "mask": np.ones((1, seq_len, seq_len), np.float32),
+                 "pool": np.zeros((1, find_graph(manifest, "int8", seq_len)["pool_slots"],
+                                   seq_len), np.float32)}
+        feeds["pool"][0, 0] = 1.0
+        got = Interpreter(model_content=one).get_signature_runner(key)(**feeds)
+        want = Interpreter(model_content=shared).get_signature_runner(key)(**feeds)
+        assert got.keys() == want.keys()
+        for name in got:
+            np.testing.assert_array_equal(got[name], want[name])
+    with pytest.raises(QuantizationError, match="signature 'encode_7' not in the model"):
+        extract_signature(shared, "encode_7")
+
+
 def test_max_open_graphs_bounds_open_files(tiny_artifacts, embedder):
     # the Interpreter path (no weight cache) runs the per-bucket int8 files
     emb = Embedder(tiny_artifacts, backend="cpu", precision="int8", max_open_graphs=1,
