@@ -320,7 +320,9 @@ class SegmentBuild:
                             "pool_slots": int(self.calibration[seq_len][0]["pool"].shape[1]),
                             "segments": files, "approach": APPROACH,
                             "smoothing": self.smoothing.to_json(), "census": census,
-                            "calibration_per_bucket": len(self.calibration[seq_len])})
+                            "calibration_per_bucket": len(self.calibration[seq_len]),
+                            "float_min_cosine": self.float_check[seq_len]})
+            self._jobs[seq_len] = []  # the written graphs' bytes (~150 MB per bucket)
         return entries
 
     def __exit__(self, *exc: Any) -> None:

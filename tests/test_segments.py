@@ -112,6 +112,7 @@ def test_export_writes_fully_int8_segments_the_embedder_runs(tiny_checkpoint, tm
     assert graph["layout"] == "segments" and len(graph["segments"]) == 2 * layers
     assert set(graph["census"]) <= {"INT8", "INT32"}, graph["census"]
     assert graph["smoothing"]["mlp_split"] == 0.125  # the two-range GELU product
+    assert graph["float_min_cosine"] >= 0.99999  # the rewrite checked in float first
     assert "full-int8" in manifest["verification"]
     load_manifest(out, verify_hashes=True)  # every segment file is listed and hashed
     assert all(name in manifest["files"] for name in graph["segments"])
