@@ -36,9 +36,11 @@ def evaluate(art_dir: Path, checkpoint_dir: Path, precisions: Sequence[str],
     in its own bucket, as a one-by-one caller sees it)."""
     from gemma_edge.datasets import load_heldout
     from gemma_edge.device import Embedder
+    from gemma_edge.device.embedder import truncate_dim
     from gemma_edge.manifest import graphs_for_role, load_manifest
 
     from . import verify
+    from .metrics import retrieval_metrics, same_ranking_share
 
     manifest = load_manifest(art_dir)
     queries, docs = load_heldout()
@@ -80,57 +82,42 @@ def evaluate(art_dir: Path, checkpoint_dir: Path, precisions: Sequence[str],
             report["seconds"][precision] = time.perf_counter() - started
         reference, ref_q, ref_d, report["seconds"]["reference"] = reference_job.result()
     for precision, emb, ours_q, ours_d in embedded:
-        _score(report, precision, emb, reference, ref_q, ref_d, ours_q, ours_d, q_texts,
-               d_texts, queries, relevant, dims, langs, max_tokens)
+        # A graph set with a smaller largest bucket (the full-int8 segments: 256 tokens)
+        # truncates the texts the reference embeds whole: their cosine mixes the length
+        # limit with the quantisation error. The same texts against the reference cut at
+        # the same length separate the two.
+        same = _reference_at_length(reference, emb, q_texts, d_texts, ref_q, ref_d) \
+            if emb.max_tokens < max_tokens else None
+        per_dim: dict[str, Any] = {}
+        for dim in dims:
+            rq, rd = truncate_dim(ref_q, dim), truncate_dim(ref_d, dim)
+            oq, od = truncate_dim(ours_q, dim), truncate_dim(ours_d, dim)
+            cos = np.concatenate([verify.cosine_rows(oq, rq), verify.cosine_rows(od, rd)])
+            ref_scores, our_scores = rq @ rd.T, oq @ od.T
+            entry = {
+                "cosine": _cosine_stats(cos),
+                "reference": retrieval_metrics(ref_scores, relevant),
+                "ours": retrieval_metrics(our_scores, relevant),
+                "same_top10_order": same_ranking_share(ref_scores, our_scores),
+                "per_language": {},
+            }
+            entry["mrr_delta"] = entry["ours"]["mrr"] - entry["reference"]["mrr"]
+            if same is not None:
+                sq, sd, truncated = same
+                cut = np.concatenate([verify.cosine_rows(oq, truncate_dim(sq, dim)),
+                                      verify.cosine_rows(od, truncate_dim(sd, dim))])
+                entry["cosine_same_tokens"] = {**_cosine_stats(cut), "max_tokens": emb.max_tokens,
+                                               "truncated_texts": truncated}
+            for lang in langs:
+                rows = [i for i, q in enumerate(queries) if q["lang"] == lang]
+                sub = [relevant[i] for i in rows]
+                entry["per_language"][lang] = {
+                    "queries": len(rows),
+                    "reference_mrr": retrieval_metrics(ref_scores[rows], sub)["mrr"],
+                    "ours_mrr": retrieval_metrics(our_scores[rows], sub)["mrr"]}
+            per_dim[str(dim)] = entry
+        report["precisions"][precision] = per_dim
     return report
-
-
-def _score(report: dict[str, Any], precision: str, emb: Any, reference: Any,
-           ref_q: np.ndarray, ref_d: np.ndarray, ours_q: np.ndarray, ours_d: np.ndarray,
-           q_texts: Sequence[str], d_texts: Sequence[str], queries: Sequence[dict[str, Any]],
-           relevant: Sequence[Sequence[int]], dims: Sequence[int], langs: Sequence[str],
-           max_tokens: int) -> None:
-    """Cosine and retrieval figures of one precision against the reference, per dim."""
-    from gemma_edge.device.embedder import truncate_dim
-
-    from . import verify
-    from .metrics import retrieval_metrics, same_ranking_share
-
-    # A graph set with a smaller largest bucket (the full-int8 segments: 256 tokens)
-    # truncates the texts the reference embeds whole: their cosine mixes the length
-    # limit with the quantisation error. The same texts against the reference cut at
-    # the same length separate the two.
-    same = _reference_at_length(reference, emb, q_texts, d_texts, ref_q, ref_d) \
-        if emb.max_tokens < max_tokens else None
-    per_dim: dict[str, Any] = {}
-    for dim in dims:
-        rq, rd = truncate_dim(ref_q, dim), truncate_dim(ref_d, dim)
-        oq, od = truncate_dim(ours_q, dim), truncate_dim(ours_d, dim)
-        cos = np.concatenate([verify.cosine_rows(oq, rq), verify.cosine_rows(od, rd)])
-        ref_scores, our_scores = rq @ rd.T, oq @ od.T
-        entry = {
-            "cosine": _cosine_stats(cos),
-            "reference": retrieval_metrics(ref_scores, relevant),
-            "ours": retrieval_metrics(our_scores, relevant),
-            "same_top10_order": same_ranking_share(ref_scores, our_scores),
-            "per_language": {},
-        }
-        entry["mrr_delta"] = entry["ours"]["mrr"] - entry["reference"]["mrr"]
-        if same is not None:
-            sq, sd, truncated = same
-            cut = np.concatenate([verify.cosine_rows(oq, truncate_dim(sq, dim)),
-                                  verify.cosine_rows(od, truncate_dim(sd, dim))])
-            entry["cosine_same_tokens"] = {**_cosine_stats(cut), "max_tokens": emb.max_tokens,
-                                           "truncated_texts": truncated}
-        for lang in langs:
-            rows = [i for i, q in enumerate(queries) if q["lang"] == lang]
-            sub = [relevant[i] for i in rows]
-            entry["per_language"][lang] = {
-                "queries": len(rows),
-                "reference_mrr": retrieval_metrics(ref_scores[rows], sub)["mrr"],
-                "ours_mrr": retrieval_metrics(our_scores[rows], sub)["mrr"]}
-        per_dim[str(dim)] = entry
-    report["precisions"][precision] = per_dim
 
 
 def _cosine_stats(cos: np.ndarray) -> dict[str, float]:

@@ -39,7 +39,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Callable, Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 import torch
@@ -405,7 +405,7 @@ def measure_scales(core: EncoderCore, samples: Sequence[dict[str, np.ndarray]],
     checkpoint.
     """
     spec = core.spec
-    c, d, inter = spec.hidden_size, spec.head_dim, spec.intermediate_size
+    c = spec.hidden_size
     n = len(core.layers)
     stats: dict[tuple[int, str], torch.Tensor] = {}
 
@@ -414,7 +414,6 @@ def measure_scales(core: EncoderCore, samples: Sequence[dict[str, np.ndarray]],
         key = (i, name)
         stats[key] = torch.maximum(stats[key], t) if key in stats else t
 
-    ident = [LayerScales.identity(c, d, inter, spec.num_heads) for _ in range(n)]
     live_now: list[torch.Tensor] = []  # tokens of the current sample that belong to a text
     hq = spec.num_heads * spec.head_dim
 
@@ -431,16 +430,9 @@ def measure_scales(core: EncoderCore, samples: Sequence[dict[str, np.ndarray]],
     def float_pass(mlp_out: Callable[[int, torch.Tensor], torch.Tensor]) -> None:
         """Every sample through the float host loop; ``mlp_out(layer, act)`` ends the MLPs."""
         for sample in samples:
-            seq = sample["embeddings"].shape[1]
             live_now[:] = [torch.from_numpy(sample["pool"][0]).sum(0) > 0]
-            per_layer = encoders.setdefault(seq, BucketEncoder(core, seq)).layer_inputs(
-                torch.from_numpy(sample["mask"]))
-
-            def rec(i: int, name: str, t: torch.Tensor) -> None:
-                keep(i, name, t[live_now[0]])
-
-            host_forward(core, ident, reference_runner(core, per_layer, mlp_out),
-                         *sample_tensors(sample), record=rec)
+            reference_forward(core, sample, lambda i, name, t: keep(i, name, t[live_now[0]]),
+                              mlp_out, encoders)
 
     def first(i: int, act: torch.Tensor) -> torch.Tensor:
         keep(i, "act", act[live_now[0]])
@@ -509,17 +501,25 @@ def measure_scales(core: EncoderCore, samples: Sequence[dict[str, np.ndarray]],
     return out
 
 
-def reference_runner(core: EncoderCore, per_layer: Sequence[Any],
-                     mlp_out: Optional[Callable[[int, torch.Tensor], torch.Tensor]] = None
-                     ) -> SegmentFn:
-    """A SegmentFn computing each branch with the encoder's own float layers (matmul
-    attention), for host loops with identity scales: what the segments compute in float,
+def reference_forward(core: EncoderCore, sample: dict[str, np.ndarray],
+                      record: Callable[[int, str, torch.Tensor], None],
+                      mlp_out: Optional[Callable[[int, torch.Tensor], torch.Tensor]] = None,
+                      encoders: Optional[dict[int, BucketEncoder]] = None) -> None:
+    """One sample through the host loop with identity scales, each branch computed by the
+    encoder's own float layers (matmul attention): what the segments compute in float,
     10x faster than their torch modules (elementwise MUL+SUM attention) at 256 tokens.
-    ``per_layer``: ``BucketEncoder.layer_inputs(mask)``; ``mlp_out(layer, act)`` ends the
-    MLPs (default: down_proj)."""
+    ``record`` sees every branch input and output (``host_forward``); ``mlp_out(layer,
+    act)`` ends the MLPs (default: down_proj); ``encoders`` caches the per-bucket RoPE
+    tables and masks across calls."""
+    seq = sample["embeddings"].shape[1]
+    encoders = {} if encoders is None else encoders
+    if seq not in encoders:
+        encoders[seq] = BucketEncoder(core, seq)
+    per_layer = encoders[seq].layer_inputs(torch.from_numpy(sample["mask"]))
+
     def run(i: int, kind: str, x: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
         layer = core.layers[i]
-        h = x.reshape(x.shape[-2], -1)
+        h = x.reshape(seq, -1)
         if kind == "attn":
             rope, bias = per_layer[i]
             return layer.attention(h * layer.input_norm.gain, rope, bias)
@@ -527,7 +527,11 @@ def reference_runner(core: EncoderCore, per_layer: Sequence[Any],
         g, u = gate_up[:, :layer.intermediate], gate_up[:, layer.intermediate:]
         act = nn.functional.gelu(g, approximate="tanh") * u
         return mlp_out(i, act) if mlp_out else layer.down_proj(act)
-    return run
+
+    spec = core.spec
+    ident = [LayerScales.identity(spec.hidden_size, spec.head_dim, spec.intermediate_size,
+                                  spec.num_heads) for _ in core.layers]
+    host_forward(core, ident, run, *sample_tensors(sample), record=record)
 
 
 @torch.no_grad()
@@ -543,14 +547,10 @@ def segment_inputs(core: EncoderCore, scales: Sequence[LayerScales],
     at a fraction of the time (the export runs it while its workers already convert).
     """
     c = core.spec.hidden_size
-    ident = [LayerScales.identity(c, core.spec.head_dim, core.spec.intermediate_size,
-                                  core.spec.num_heads) for _ in core.layers]
     encoders: dict[int, BucketEncoder] = {}
     inputs: dict[tuple[int, str], list[dict[str, np.ndarray]]] = {}
     for sample in samples:
         seq = sample["embeddings"].shape[1]
-        per_layer = encoders.setdefault(seq, BucketEncoder(core, seq)).layer_inputs(
-            torch.from_numpy(sample["mask"]))
 
         def rec(i: int, name: str, t: torch.Tensor, seq: int = seq,
                 mask: np.ndarray = sample["mask"]) -> None:
@@ -561,8 +561,7 @@ def segment_inputs(core: EncoderCore, scales: Sequence[LayerScales],
                 x = (t / _t(scales[i].ff_in)).float().reshape(1, 1, seq, c).numpy()
                 inputs.setdefault((i, "mlp"), []).append({"b": x})
 
-        host_forward(core, ident, reference_runner(core, per_layer), *sample_tensors(sample),
-                     record=rec)
+        reference_forward(core, sample, rec, encoders=encoders)
     return inputs
 
 

@@ -217,6 +217,13 @@ def test_segment_study_rejects_a_bad_mlp_split(tmp_path, capsys, extra):
     assert code != 0 and "a fraction in [0, 1)" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("value", ["1.0", "-0.5"])
+def test_segment_study_rejects_a_bad_softmax_split(tmp_path, capsys, value):
+    code = main(["segment-study", "--checkpoint", str(tmp_path), "--artifacts", str(tmp_path),
+                 "--softmax-split", value])
+    assert code != 0 and "--softmax-split" in capsys.readouterr().err
+
+
 def test_eval_rejects_bad_dims(tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
         main(["eval", "--artifacts", str(tmp_path), "--checkpoint", str(tmp_path),
