@@ -58,11 +58,13 @@ class ExportOptions:
     quantize: bool = True
     int8_min_cosine: float = 0.97
     evaluate: bool = True
-    # The fully int8 Edge TPU segments (export/segments.py): 48 graphs per bucket, so
-    # three buckets by default (queries fit 64 tokens, most documents 128, the rest are
-    # cut to 256; the 128-token set is worth +0.003 held-out cosine, docs/quantization.md).
+    # The fully int8 Edge TPU segments (export/segments.py): 48 graphs per bucket; queries
+    # fit 64 tokens, most documents 128 (the 128-token set is worth +0.003 held-out
+    # cosine, docs/quantization.md), long ones 256 and 512 (cut there, as the CPU graphs:
+    # a document cut at 256 scored 0.959 in float). Each bucket's segments are filled
+    # into two or three converted templates (export/segment_graph.py).
     edgetpu: bool = True
-    edgetpu_buckets: Sequence[int] = (64, 128, 256)
+    edgetpu_buckets: Sequence[int] = (64, 128, 256, 512)
     edgetpu_calibration: int = 32  # corpus samples per bucket for the segments' ranges
     # The MLP's two-range GELU product (segments.Smoothing.mlp_split; None: its default,
     # 0: one int8 tensor: 40 % fewer MLP weights to stream per call, lower fidelity)

@@ -10,7 +10,6 @@ measures each segment's error for ``gemma-edge eval --sensitivity``.
 from __future__ import annotations
 
 import contextlib
-import io
 import math
 import multiprocessing
 import os
@@ -25,6 +24,13 @@ from torch import nn
 
 from .encoder import EncoderCore
 from .quantize import RangeStatistic
+from .segment_graph import (  # noqa: F401 - float_segment: this module's API before
+    SegmentTemplate,
+    build_template,
+    fill_checked,
+    float_segment,
+    template_key,
+)
 from .segments import (
     AttentionSegment,
     LayerScales,
@@ -67,6 +73,10 @@ def check_float(core: EncoderCore, scales: Sequence[LayerScales],
 
 SEGMENT_DIR = "edgetpu"
 HOST_FILE = f"{SEGMENT_DIR}/host.npz"
+# Channel scales for every bucket from a float pass over this many samples of each: the
+# same scales (one host file) served the held-out set as well as scales measured per
+# bucket on 12 of its own samples did (docs/quantization.md), at 3 minutes less export.
+SCALE_SAMPLES = 4
 APPROACH = "full-int8-segments"
 DEFAULT_SMOOTHING = Smoothing()
 
@@ -165,47 +175,17 @@ def segment_sensitivity(core: EncoderCore, art_dir: Path, graph: dict,
                   "tensors": len(v)} for key, v in sorted(errors.items())}
 
 
-class _Seg(nn.Module):
-    """Named I/O for the converter (subclasses name the inputs), output ``out``."""
-
-    def __init__(self, inner: nn.Module):
-        super().__init__()
-        self.inner = inner
-
-
-class _AttnSeg(_Seg):
-    def forward(self, a: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
-        return {"out": self.inner(a, mask)}
-
-
-class _MlpSeg(_Seg):
-    def forward(self, b: torch.Tensor) -> dict[str, torch.Tensor]:
-        return {"out": self.inner(b)}
-
-
-def _convert_segment(module: nn.Module, sample: dict[str, torch.Tensor]) -> bytes:
-    import contextlib
-
-    import litert_torch
-
-    from gemma_edge.errors import ConversionError
-
-    try:
-        with contextlib.redirect_stdout(io.StringIO()):
-            return bytes(litert_torch.signature("segment", module.eval(), sample_kwargs=sample)
-                         .convert().model_content())
-    except Exception as exc:  # noqa: BLE001 - litert-torch raises many types
-        raise ConversionError(f"litert-torch could not convert a segment: "
-                              f"{type(exc).__name__}: {exc}") from exc
-
-
 def quantize_segment(kind: str, segment: AttentionSegment | MlpSegment, seq_len: int,
                      hidden: int, feeds: Sequence[dict[str, np.ndarray]],
-                     ranges: RangeStatistic = RangeStatistic.MOVING_AVERAGE) -> bytes:
-    """Convert one segment ("attn" or "mlp") and quantise it fully to int8 on ``feeds``.
+                     ranges: RangeStatistic = RangeStatistic.MOVING_AVERAGE,
+                     template: Optional[SegmentTemplate] = None) -> bytes:
+    """Convert one segment ("attn" or "mlp") and quantise it fully to int8 on ``feeds``;
+    with a ``template`` of its structure the float graph is the template filled with the
+    segment's values (checked on the first feed) instead of a conversion.
 
     Takes only that segment (picklable: the export's worker processes receive it)."""
-    return quantize_float_segment(float_segment(kind, segment, seq_len, hidden), feeds, ranges)
+    graph = fill_checked(template, kind, segment, seq_len, hidden, feeds[0])
+    return quantize_float_segment(graph, feeds, ranges)
 
 
 def quantize_float_segment(float_model: bytes, feeds: Sequence[dict[str, np.ndarray]],
@@ -217,33 +197,23 @@ def quantize_float_segment(float_model: bytes, feeds: Sequence[dict[str, np.ndar
                           feeds)
 
 
-def float_segment(kind: str, segment: AttentionSegment | MlpSegment, seq_len: int,
-                  hidden: int) -> bytes:
-    """The float TFLite graph of one segment (signature "segment"), before quantisation."""
-    if kind == "attn":
-        module: nn.Module = _AttnSeg(segment)
-        sample = {"a": torch.zeros(1, 1, seq_len, hidden), "mask": torch.ones(1, seq_len, seq_len)}
-    else:
-        module, sample = _MlpSeg(segment), {"b": torch.zeros(1, 1, seq_len, hidden)}
-    return _convert_segment(module, sample)
-
-
 class SegmentBuild:
     """The segments of every bucket, converted and quantised by worker processes while
     the caller does other work (the export converts its float and CPU int8 graphs
     meanwhile: on 2 cores that work leaves one core idle for minutes).
 
     Entering measures the per-channel scales, writes the host constants, checks the
-    rewrite in float and records every segment's calibration inputs (this process,
-    float torch), and submits all segments to the pool; ``collect()`` waits for them,
+    rewrite in float, has the pool convert one template per segment structure
+    (``segment_graph``), records every segment's calibration inputs (this process, float
+    torch), and submits all segments to the pool; ``collect()`` waits for them,
     checks each is fully int8 and writes the files. Segment files appear in
     ``out_dir`` only during ``collect()``. Leaving with an error cancels what has not
     started.
 
     ``calibration``: {bucket: [graph inputs]} from the project corpus
-    (``export.calibration``). Per-channel scales come from a float pass over a few
-    samples of every bucket; each segment is then calibrated on its own inputs as the
-    host computes them in float (min/max, ai-edge-quantizer static_wi8_ai8), so
+    (``export.calibration``). Per-channel scales come from a float pass over the first
+    ``SCALE_SAMPLES`` samples of every bucket; each segment is then calibrated on its own
+    inputs as the host computes them in float (min/max, ai-edge-quantizer static_wi8_ai8), so
     calibration memory is one layer's tensors, whatever the bucket.
     """
 
@@ -252,10 +222,12 @@ class SegmentBuild:
                  smoothing: Smoothing = DEFAULT_SMOOTHING,
                  progress: Optional[Callable[[str], None]] = None,
                  workers: Optional[int] = None,
-                 on_segment_done: Optional[Callable[[], None]] = None):
+                 on_segment_done: Optional[Callable[[], None]] = None,
+                 templates: bool = True):
         self.core, self.out_dir, self.buckets = core, Path(out_dir), list(buckets)
         self.calibration, self.smoothing, self.progress = calibration, smoothing, progress
         self.workers = default_workers() if workers is None else workers
+        self.templates = templates
         self.on_segment_done = on_segment_done
         self.float_check: dict[int, float] = {}
         self._jobs: dict[int, list[tuple[int, str, Future]]] = {}
@@ -271,27 +243,43 @@ class SegmentBuild:
 
         (self.out_dir / SEGMENT_DIR).mkdir(parents=True, exist_ok=True)
         core, hidden = self.core, self.core.spec.hidden_size
-        stats_samples = [s for t in self.buckets for s in self.calibration[t][:4]]
+        stats_samples = [s for t in self.buckets for s in self.calibration[t][:SCALE_SAMPLES]]
         self._say("segments: measuring per-channel scales")
         scales = measure_scales(core, stats_samples, self.smoothing)
         atomic_write_npz(self.out_dir / HOST_FILE, host_constants(core, scales))
         pool = self._pool.enter_context(_segment_pool(self.workers))
         try:
+            # per bucket: check the rewrite, have the workers convert one template per
+            # graph structure (segment_graph) while this process records the
+            # calibration inputs; then every segment is filled in and quantised
+            prepared = []
             for seq_len in self.buckets:
                 segments = layer_segments(core, seq_len, scales)
                 worst = check_float(core, scales, segments, self.calibration[seq_len][:2])
                 self.float_check[seq_len] = worst
                 self._say(f"segments: bucket {seq_len} equal in float (cos {worst:.7f})")
+                templates: dict[tuple, Future] = {}
+                for pair in segments if self.templates else []:
+                    for kind, segment in zip(("attn", "mlp"), pair):
+                        key = template_key(segment)
+                        if key not in templates:
+                            templates[key] = pool.submit(build_template, kind, segment,
+                                                         seq_len, hidden)
                 inputs = segment_inputs(core, scales, self.calibration[seq_len])
+                prepared.append((seq_len, segments, templates, inputs))
+            for seq_len, segments, templates, inputs in prepared:
                 jobs = []
                 for i, pair in enumerate(segments):
                     for kind, segment in zip(("attn", "mlp"), pair):
+                        future = templates.get(template_key(segment)) if templates else None
                         job = pool.submit(quantize_segment, kind, segment, seq_len, hidden,
-                                          inputs[(i, kind)])
+                                          inputs[(i, kind)], RangeStatistic.MOVING_AVERAGE,
+                                          future.result() if future else None)
                         if self.on_segment_done:
                             job.add_done_callback(lambda _job: self.on_segment_done())
                         jobs.append((i, kind, job))
                 self._jobs[seq_len] = jobs
+            del prepared
         except BaseException:
             self._pool.__exit__(*sys.exc_info())
             raise
@@ -333,12 +321,13 @@ def build_segmented(core: EncoderCore, out_dir: Path, buckets: Sequence[int],
                     calibration: dict[int, list[dict[str, np.ndarray]]],
                     smoothing: Smoothing = DEFAULT_SMOOTHING,
                     progress: Optional[Callable[[str], None]] = None,
-                    workers: Optional[int] = None) -> list[dict]:
+                    workers: Optional[int] = None, templates: bool = True) -> list[dict]:
     """Write every bucket's segments + the host constants; returns manifest entries
     (``SegmentBuild`` without other work in between). ``workers`` processes convert
-    and quantise the segments (default ``default_workers()``)."""
+    and quantise the segments (default ``default_workers()``); ``templates=False``
+    converts every segment with litert-torch instead of filling templates."""
     with SegmentBuild(core, out_dir, buckets, calibration, smoothing, progress,
-                      workers) as build:
+                      workers, templates=templates) as build:
         return build.collect()
 
 
@@ -361,6 +350,18 @@ class _Inline:
         return future
 
 
+def _quiet_worker() -> None:
+    """One torch thread per worker; TensorFlow's start-up notices (oneDNN, absl) and
+    library deprecation warnings, printed once per worker, would cover the export's
+    progress bars (errors still print)."""
+    import warnings
+
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    torch.set_num_threads(1)
+
+
 @contextlib.contextmanager
 def _segment_pool(workers: int) -> Iterator[Any]:
     if workers <= 1:
@@ -368,7 +369,7 @@ def _segment_pool(workers: int) -> Iterator[Any]:
         return
     # spawn, not fork: the parent holds torch's thread pools and a loaded checkpoint
     pool = ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"),
-                               initializer=torch.set_num_threads, initargs=(1,))
+                               initializer=_quiet_worker)
     try:
         yield pool
     except BaseException:

@@ -198,6 +198,12 @@ class AttentionSegment(nn.Module):
         self.sliding_band = bool(sliding and window_radius < seq_len)
         self.softmax_split = float(scales.softmax_split)
 
+    def graph_options(self) -> tuple:
+        """What shapes the converted graph besides its tensors' values: segments with
+        equal options and tensor shapes convert to the same ops (segment_template)."""
+        return ("attn", self.seq_len, self.heads, self.hd, self.max_product,
+                self.sliding_band, self.softmax_split)
+
     def forward(self, a: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         seq, heads, hd = self.seq_len, self.heads, self.hd
         q = _apply(self.q, a)                                              # [1, 1, T, H*D]
@@ -273,6 +279,10 @@ class MlpSegment(nn.Module):
         self.gate = nn.ModuleList(_conv(w_gate[idx]) for idx in members)
         self.up = nn.ModuleList(_conv(w_up[idx]) for idx in members)
         self.split = float(scales.act_split)
+        # the split as tensors, not Python floats: per-layer values must be graph
+        # constants that segment_template can rewrite (a Python float is folded away)
+        self.register_buffer("split_at", torch.tensor(self.split), persistent=False)
+        self.register_buffer("neg_split_at", torch.tensor(-self.split), persistent=False)
         # partial outputs: one per channel group, or the two ranges (fine, excess)
         partials = 2 if self.split > 0.0 else len(members)
         if self.split > 0.0 and len(members) > 1:
@@ -295,13 +305,17 @@ class MlpSegment(nn.Module):
             self.down = nn.ModuleList(_conv(w_down[:, idx] / out_scale[g][:, None])
                                       for g, idx in enumerate(members))
 
+    def graph_options(self) -> tuple:
+        """What shapes the converted graph besides its tensors' values (as above)."""
+        return ("mlp", self.host_sum, self.split > 0.0)
+
     def _two_range(self, b: torch.Tensor) -> torch.Tensor:
         gelu = gelu_sigmoid(_apply(self.gate[0], b))
         coarse = gelu * _apply(self.up[0], b)
         # MUL with a fused RELU_N1_TO_1: the int8 tensor saturates at +-split
         fine = torch.clamp(gelu * _apply(self.up_fine, b), -1.0, 1.0)
         # SUBs with fused RELUs: exactly 0 (the zero point) wherever |coarse| <= split
-        excess = torch.relu(coarse - self.split) - torch.relu(-self.split - coarse)
+        excess = torch.relu(coarse - self.split_at) - torch.relu(self.neg_split_at - coarse)
         parts = (_apply(self.down_fine, fine), _apply(self.down[0], excess))
         if self.host_sum:
             return torch.cat(parts, dim=1)                                # [1, 2, T, C]

@@ -39,7 +39,7 @@ def _add_export(sub: Any) -> None:
                    help="texts one graph run can pool (packing of short texts; default 16)")
     p.add_argument("--no-quantize", action="store_true", help="float graph only")
     p.add_argument("--edgetpu-seq-len", type=int_list, default=None,
-                   help="buckets of the fully int8 Edge TPU segments (default 64,128,256; "
+                   help="buckets of the fully int8 Edge TPU segments (default 64,128,256,512; "
                         "48 graphs per bucket, see docs/quantization.md)")
     p.add_argument("--edgetpu-mlp-split", type=float, default=None, metavar="F",
                    help="the segments' GELU product as two int8 tensors, the fine one "

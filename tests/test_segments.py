@@ -234,6 +234,36 @@ def test_range_statistics_of_the_calibration(tiny_core, calibration):
     assert 0 < out_scale[RangeStatistic.MSE] <= out_scale[RangeStatistic.MOVING_AVERAGE] * 1.0001
 
 
+def test_profiler_calibration_equals_the_tensor_copying_one(tiny_core, calibration):
+    """The export's calibration (ai-edge-quantizer's profiler-based mode) gives every
+    tensor the ranges its default mode (each tensor copied out) gives."""
+    from ai_edge_quantizer import quantizer, recipe
+    from ai_edge_quantizer.calibrator import CalibrationMode
+
+    from gemma_edge.export import segments as seg
+    from gemma_edge.export.quantize import min_max_calibration
+    from gemma_edge.export.segment_build import float_segment
+
+    samples = calibration[BUCKET][:3]
+    scales = seg.measure_scales(tiny_core, samples)
+    segments = seg.layer_segments(tiny_core, BUCKET, scales)
+    feeds = seg.segment_inputs(tiny_core, scales, samples)
+    for kind, segment in zip(("attn", "mlp"), segments[0]):
+        graph = float_segment(kind, segment, BUCKET, tiny_core.spec.hidden_size)
+        qt = quantizer.Quantizer(bytearray(graph))
+        qt.load_quantization_recipe(recipe.static_wi8_ai8())
+        fast = min_max_calibration(qt, "segment", feeds[(0, kind)], 1, graph)
+        slow = qt.calibrate({"segment": feeds[(0, kind)]}, num_threads=1,
+                            mode=CalibrationMode.CALIBRATION_PRESERVE_ALL_TENSORS)
+        assert fast.keys() == slow.keys() and len(fast) > 10
+        for name, qsv in slow.items():
+            for key in ("min", "max"):
+                want = np.asarray(qsv[key], np.float64)
+                got = np.asarray(fast[name][key], np.float64)
+                assert got.shape == want.shape, name
+                np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7, err_msg=name)
+
+
 def test_mse_range_clips_a_lone_outlier_and_keeps_a_dense_range():
     from gemma_edge.export.ranges import best_ratio
 
@@ -300,11 +330,8 @@ def test_row_blocks_of_one_product_share_one_range(tiny_core, calibration):
 
     from gemma_edge.export import segments as seg
     from gemma_edge.export.quantize import row_block_groups, unify_ranges
-    from gemma_edge.export.segment_build import (
-        _AttnSeg,
-        _convert_segment,
-        quantize_segment,
-    )
+    from gemma_edge.export.segment_build import quantize_segment
+    from gemma_edge.export.segment_graph import _AttnSeg, _convert_segment
 
     samples = calibration[BUCKET][:4]
     scales = seg.measure_scales(tiny_core, samples)
@@ -370,15 +397,71 @@ def test_two_range_softmax_is_exact_in_float_and_fully_int8(tiny_core, calibrati
 
 def test_segments_built_in_worker_processes_equal_the_inline_build(tiny_core, calibration,
                                                                    tmp_path):
-    """Two worker processes (the export's default on 2 cores) write the same files."""
+    """Two worker processes (the export's default on 2 cores) filling segment templates
+    write the same files as one process converting every segment."""
     from gemma_edge.export.segment_build import build_segmented
 
     samples = {BUCKET: calibration[BUCKET][:3]}
-    inline = build_segmented(tiny_core, tmp_path / "one", [BUCKET], samples, workers=1)
+    # inline: every segment converted by litert-torch; pooled: filled into templates
+    inline = build_segmented(tiny_core, tmp_path / "one", [BUCKET], samples, workers=1,
+                             templates=False)
     pooled = build_segmented(tiny_core, tmp_path / "two", [BUCKET], samples, workers=2)
     assert inline == pooled
     for name in inline[0]["segments"]:
         assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "two" / name).read_bytes()
+
+
+def test_segment_templates_give_the_graphs_litert_torch_converts(tiny_core, calibration):
+    """A template converted once per structure, filled with each layer's tensors, is the
+    float graph litert-torch converts for that layer, byte for byte."""
+    from gemma_edge.export import segments as seg
+    from gemma_edge.export.segment_graph import build_template, float_segment, template_key
+
+    samples = calibration[BUCKET][:3]
+    scales = seg.measure_scales(tiny_core, samples)
+    hidden = tiny_core.spec.hidden_size
+    templates: dict = {}
+    for pair in seg.layer_segments(tiny_core, BUCKET, scales):
+        for kind, segment in zip(("attn", "mlp"), pair):
+            key = template_key(segment)
+            if key not in templates:
+                templates[key] = build_template(kind, segment, BUCKET, hidden)
+            assert templates[key] is not None and templates[key].maps
+            assert templates[key].fill(segment) == float_segment(kind, segment, BUCKET, hidden)
+    # the tiny model's sliding and global layers differ in graph (the band mask)
+    assert len(templates) == 3
+
+
+class _Folded(torch.nn.Module):
+    """A segment whose graph holds a constant computed from a tensor (``v * 2``)."""
+
+    def __init__(self, hidden: int, seed: int, dtype: torch.dtype = torch.float32):
+        super().__init__()
+        gen = torch.Generator().manual_seed(seed)
+        self.w = torch.nn.Parameter(torch.randn(hidden, generator=gen), requires_grad=False)
+        self.register_buffer("v", torch.randn(hidden, generator=gen).to(dtype))
+
+    def graph_options(self) -> tuple:
+        return ("folded",)
+
+    def forward(self, b: torch.Tensor) -> torch.Tensor:
+        return b * self.w + self.v * 2.0
+
+
+def test_segment_template_checks_each_graph_and_converts_when_it_differs(caplog):
+    from gemma_edge.export.segment_graph import build_template, fill_checked, float_segment
+
+    hidden, seq = 16, 4
+    feed = {"b": np.random.default_rng(0).standard_normal((1, 1, seq, hidden), np.float32)}
+    template = build_template("mlp", _Folded(hidden, 0), seq, hidden)
+    assert template is not None  # w is rewritable, the folded v * 2 is not
+    other = _Folded(hidden, 1)
+    with caplog.at_level(logging.WARNING, logger="gemma_edge.export"):
+        graph = fill_checked(template, "mlp", other, seq, hidden, feed)
+    assert "differs from the torch segment" in caplog.text
+    assert graph == float_segment("mlp", other, seq, hidden)
+    # tensors that are not float32 cannot be probed: no template, every layer converted
+    assert build_template("mlp", _Folded(hidden, 0, torch.float64), seq, hidden) is None
 
 
 def test_two_range_gelu_product_is_exact_in_float_and_fully_int8(tiny_core, calibration,
