@@ -307,18 +307,16 @@ def _quantize_placeholder_ranges(content: bytes, signature: str) -> bytes:
 
     from gemma_edge.errors import QuantizationError
 
-    root = schema.Model.GetRootAs(content, 0)
+    from .quantize import model_tensors
+
     ranges = {}
-    for g in range(root.SubgraphsLength()):
-        sub = root.Subgraphs(g)
-        for i in range(sub.TensorsLength()):
-            t = sub.Tensors(i)
-            buf = root.Buffers(t.Buffer())
-            if t.Type() != schema.TensorType.FLOAT32 or buf.DataLength() or buf.Offset() > 1:
-                continue  # constants: quantised from their own values
-            shape = (1,) * len(t.ShapeAsNumpy()) if t.ShapeLength() else ()
-            ranges[t.Name().decode()] = {"min": np.full(shape, -PLACEHOLDER_RANGE, np.float32),
-                                         "max": np.full(shape, PLACEHOLDER_RANGE, np.float32)}
+    for root, t in model_tensors(content):
+        buf = root.Buffers(t.Buffer())
+        if t.Type() != schema.TensorType.FLOAT32 or buf.DataLength() or buf.Offset() > 1:
+            continue  # constants: quantised from their own values
+        shape = (1,) * t.ShapeLength()
+        ranges[t.Name().decode()] = {"min": np.full(shape, -PLACEHOLDER_RANGE, np.float32),
+                                     "max": np.full(shape, PLACEHOLDER_RANGE, np.float32)}
     qt = quantizer.Quantizer(bytearray(content))
     qt.load_quantization_recipe(recipe.static_wi8_ai8())
     try:

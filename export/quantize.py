@@ -25,7 +25,7 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Iterator, Optional, Sequence
 
 import numpy as np
 
@@ -143,16 +143,19 @@ def min_max_calibration(qt: Any, signature: str, samples: Sequence[dict[str, np.
 
 
 def _tensor_ranks(model: bytes) -> dict[str, int]:
+    return {tensor.Name().decode(): tensor.ShapeLength() for _, tensor in model_tensors(model)}
+
+
+def model_tensors(model: bytes) -> Iterator[tuple[Any, Any]]:
+    """(root, tensor) for every tensor of every subgraph: LiteRT's flatbuffer accessors,
+    nothing copied (the object API would unpack every weight)."""
     from ai_edge_litert import schema_py_generated as schema
 
     root = schema.Model.GetRootAs(model, 0)
-    ranks = {}
     for s in range(root.SubgraphsLength()):
         sub = root.Subgraphs(s)
         for t in range(sub.TensorsLength()):
-            tensor = sub.Tensors(t)
-            ranks[tensor.Name().decode()] = tensor.ShapeLength()
-    return ranks
+            yield root, sub.Tensors(t)
 
 
 def _per_sample_ranges(qt: Any, float_model: bytes, signature: str,

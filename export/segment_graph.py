@@ -87,24 +87,21 @@ def _float_buffer_regions(graph: bytes) -> list[tuple[int, int]]:
     """(byte offset, float count) of every constant buffer read by a float32 tensor."""
     from ai_edge_litert import schema_py_generated as schema
 
-    root = schema.Model.GetRootAs(graph, 0)
-    base = np.frombuffer(graph, np.uint8)
-    start = base.__array_interface__["data"][0]
+    from .quantize import model_tensors
+
+    start = np.frombuffer(graph, np.uint8).__array_interface__["data"][0]
     seen, regions = set(), []
-    for s in range(root.SubgraphsLength()):
-        sub = root.Subgraphs(s)
-        for t in range(sub.TensorsLength()):
-            tensor = sub.Tensors(t)
-            index = tensor.Buffer()
-            if tensor.Type() != schema.TensorType.FLOAT32 or index in seen or index == 0:
-                continue
-            seen.add(index)
-            buffer = root.Buffers(index)
-            if buffer.Offset() > 1:  # stored after the flatbuffer
-                regions.append((int(buffer.Offset()), int(buffer.Size()) // 4))
-            elif buffer.DataLength():
-                data = buffer.DataAsNumpy()
-                regions.append((data.__array_interface__["data"][0] - start, data.size // 4))
+    for root, tensor in model_tensors(graph):
+        index = tensor.Buffer()
+        if tensor.Type() != schema.TensorType.FLOAT32 or index in seen or index == 0:
+            continue
+        seen.add(index)
+        buffer = root.Buffers(index)
+        if buffer.Offset() > 1:  # stored after the flatbuffer
+            regions.append((int(buffer.Offset()), int(buffer.Size()) // 4))
+        elif buffer.DataLength():
+            data = buffer.DataAsNumpy()
+            regions.append((data.__array_interface__["data"][0] - start, data.size // 4))
     return regions
 
 
