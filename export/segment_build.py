@@ -351,12 +351,10 @@ class _Inline:
 
 
 def _quiet_worker() -> None:
-    """One torch thread per worker; TensorFlow's start-up notices (oneDNN, absl) and
-    library deprecation warnings, printed once per worker, would cover the export's
-    progress bars (errors still print)."""
+    """One torch thread per worker; the libraries' deprecation warnings, printed by every
+    worker, would cover the export's progress bars (errors still print)."""
     import warnings
 
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     torch.set_num_threads(1)
