@@ -24,13 +24,7 @@ from torch import nn
 
 from .encoder import EncoderCore
 from .quantize import RangeStatistic
-from .segment_graph import (  # noqa: F401 - float_segment: this module's API before
-    SegmentTemplate,
-    build_template,
-    fill_checked,
-    float_segment,
-    template_key,
-)
+from .segment_graph import SegmentTemplate, build_template, fill_checked, template_key
 from .segments import (
     AttentionSegment,
     LayerScales,
@@ -213,8 +207,8 @@ class SegmentBuild:
     ``calibration``: {bucket: [graph inputs]} from the project corpus
     (``export.calibration``). Per-channel scales come from a float pass over the first
     ``SCALE_SAMPLES`` samples of every bucket; each segment is then calibrated on its own
-    inputs as the host computes them in float (min/max, ai-edge-quantizer static_wi8_ai8), so
-    calibration memory is one layer's tensors, whatever the bucket.
+    inputs as the host computes them in float (min/max, ai-edge-quantizer
+    static_wi8_ai8), so calibration memory is one layer's tensors, whatever the bucket.
     """
 
     def __init__(self, core: EncoderCore, out_dir: Path, buckets: Sequence[int],

@@ -142,7 +142,8 @@ def tensor_study(checkpoint: str, art_dir: Path, seq_len: int, smoothing: Any,
     from .calibration import calibration_set
     from .checkpoint import load_checkpoint
     from .encoder import build_encoder
-    from .segment_build import float_segment, quantize_float_segment
+    from .segment_build import quantize_float_segment
+    from .segment_graph import float_segment
     from .tensor_snr import tensor_snr
 
     with torch.no_grad():

@@ -200,7 +200,7 @@ class AttentionSegment(nn.Module):
 
     def graph_options(self) -> tuple:
         """What shapes the converted graph besides its tensors' values: segments with
-        equal options and tensor shapes convert to the same ops (segment_template)."""
+        equal options and tensor shapes convert to the same ops (segment_graph)."""
         return ("attn", self.seq_len, self.heads, self.hd, self.max_product,
                 self.sliding_band, self.softmax_split)
 
@@ -280,7 +280,7 @@ class MlpSegment(nn.Module):
         self.up = nn.ModuleList(_conv(w_up[idx]) for idx in members)
         self.split = float(scales.act_split)
         # the split as tensors, not Python floats: per-layer values must be graph
-        # constants that segment_template can rewrite (a Python float is folded away)
+        # constants that segment_graph's templates can rewrite (a Python float is folded away)
         self.register_buffer("split_at", torch.tensor(self.split), persistent=False)
         self.register_buffer("neg_split_at", torch.tensor(-self.split), persistent=False)
         # partial outputs: one per channel group, or the two ranges (fine, excess)

@@ -242,7 +242,7 @@ def test_profiler_calibration_equals_the_tensor_copying_one(tiny_core, calibrati
 
     from gemma_edge.export import segments as seg
     from gemma_edge.export.quantize import min_max_calibration
-    from gemma_edge.export.segment_build import float_segment
+    from gemma_edge.export.segment_graph import float_segment
 
     samples = calibration[BUCKET][:3]
     scales = seg.measure_scales(tiny_core, samples)
