@@ -14,7 +14,7 @@ import logging
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
@@ -69,6 +69,9 @@ class ExportOptions:
     # The MLP's two-range GELU product (segments.Smoothing.mlp_split; None: its default,
     # 0: one int8 tensor: 40 % fewer MLP weights to stream per call, lower fidelity)
     edgetpu_mlp_split: Optional[float] = None
+    # The softmax weights in two int8 ranges (segments.Smoothing.softmax_split, used from
+    # its softmax_split_from bucket up; None: its default, 0: one tensor everywhere)
+    edgetpu_softmax_split: Optional[float] = None
 
     def validate(self) -> None:
         buckets = sorted(set(int(b) for b in self.buckets))
@@ -83,6 +86,11 @@ class ExportOptions:
         if self.edgetpu_mlp_split is not None and not 0.0 <= self.edgetpu_mlp_split < 1.0:
             raise InputError(f"--edgetpu-mlp-split {self.edgetpu_mlp_split}: a fraction in "
                              "[0, 1) of the GELU product's range (0: one int8 tensor)")
+        if (self.edgetpu_softmax_split is not None
+                and not 0.0 <= self.edgetpu_softmax_split < 1.0):
+            raise InputError(f"--edgetpu-softmax-split {self.edgetpu_softmax_split}: a "
+                             "fraction in [0, 1) of the softmax row maximum (0: one int8 "
+                             "tensor)")
         if self.pool_slots < 1:
             raise InputError("--pool-slots must be >= 1")
 
@@ -227,8 +235,11 @@ def _start_segments(background: contextlib.ExitStack, core: Any, ck: Checkpoint,
     host = TextHost.from_parts(stage, ck.prompts, tokenizer, tables["float"], options.buckets,
                                core.spec.hidden_size, options.pool_slots)
     calibration = calibration_from(host, options.edgetpu_buckets, options.edgetpu_calibration)
-    smoothing = (Smoothing() if options.edgetpu_mlp_split is None
-                 else Smoothing(mlp_split=options.edgetpu_mlp_split))
+    smoothing = Smoothing()
+    if options.edgetpu_mlp_split is not None:
+        smoothing = replace(smoothing, mlp_split=options.edgetpu_mlp_split)
+    if options.edgetpu_softmax_split is not None:
+        smoothing = replace(smoothing, softmax_split=options.edgetpu_softmax_split)
     bar = tqdm(total=2 * core.spec.num_layers * len(options.edgetpu_buckets), unit="segment",
                desc="full-int8 segments (worker processes)", position=1, leave=False)
     background.callback(bar.close)

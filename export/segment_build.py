@@ -102,6 +102,7 @@ def host_constants(core: EncoderCore, scales: Sequence[LayerScales]) -> dict[str
                                 else np.zeros(len(s.act), np.int32) for s in scales]),
         "act_split": np.array([s.act_split for s in scales], np.float32),
         "softmax_split": np.array([s.softmax_split for s in scales], np.float32),
+        "softmax_split_from": np.array([s.softmax_split_from for s in scales], np.int32),
         "post_attn_gain": np.stack([f32(layer.post_attn_norm.gain) for layer in core.layers]),
         "post_ff_gain": np.stack([f32(layer.post_ff_norm.gain) for layer in core.layers]),
         "dense_count": np.int32(len(core.dense)),
@@ -121,7 +122,8 @@ def scales_from_host(host: dict[str, np.ndarray]) -> list[LayerScales]:
                         host["q_scale"][i], host["k_scale"][i],
                         host["act_groups"][i] if "act_groups" in host else None,
                         float(host["act_split"][i]) if "act_split" in host else 0.0,
-                        float(host["softmax_split"][i]) if "softmax_split" in host else 0.0)
+                        float(host["softmax_split"][i]) if "softmax_split" in host else 0.0,
+                        int(host["softmax_split_from"][i]) if "softmax_split_from" in host else 0)
             for i in range(len(host["attn_in"]))]
 
 

@@ -38,6 +38,39 @@ def heldout_inputs(art_dir: Path, seq_len: int, count: int) -> list[dict[str, np
     return [_inputs(emb, [i], seq_len) for i in ids]
 
 
+DEV_EVERY = 10  # every 10th corpus text is held back from calibration by --eval-texts corpus
+
+
+def split_corpus() -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(calibration rows, development rows) of the corpus: every ``DEV_EVERY``-th text is
+    held back, so a recipe can be judged on text it was not calibrated on without
+    touching the held-out set (which only measures, never chooses)."""
+    from gemma_edge.datasets import load_calibration_corpus
+
+    rows = load_calibration_corpus()
+    return ([r for i, r in enumerate(rows) if i % DEV_EVERY],
+            [r for i, r in enumerate(rows) if i % DEV_EVERY == 0])
+
+
+def corpus_dev_inputs(art_dir: Path, seq_len: int, count: int,
+                      rows: Sequence[dict[str, Any]]) -> list[dict[str, np.ndarray]]:
+    """Development texts (``split_corpus``) this bucket serves, one per bucket, as the
+    calibration picks its single texts (longer than the next smaller export bucket;
+    longer texts cut to the bucket when too few), spread over the languages in corpus
+    order."""
+    from gemma_edge.device import Embedder
+
+    from .calibration import _inputs, corpus_token_ids
+
+    emb = Embedder(art_dir, backend="cpu", precision="float")
+    ids = corpus_token_ids(emb, rows)
+    lower = max((b for b in emb.buckets if b < seq_len), default=0)
+    fits = [i for i in ids if lower < len(i) <= seq_len]
+    fits += [list(i[:seq_len - 1]) + [i[-1]] for i in ids if len(i) > seq_len]
+    step = max(1, len(fits) // count)
+    return [_inputs(emb, [i], seq_len) for i in fits[::step][:count]]
+
+
 def full_bucket_inputs(art_dir: Path, seq_len: int, count: int) -> list[dict[str, np.ndarray]]:
     """Held-out documents of at least ``seq_len`` tokens, cut to it: every row a real token.
 
@@ -61,21 +94,25 @@ def full_bucket_inputs(art_dir: Path, seq_len: int, count: int) -> list[dict[str
 def study(checkpoint: str, art_dir: Path, seq_len: int, smoothing: Any,
           calibration: int, texts: int, kinds: Sequence[str],
           ladder: Optional[Sequence[int]] = None,
-          ranges: RangeStatistic = RangeStatistic.MOVING_AVERAGE) -> dict[str, Any]:
+          ranges: RangeStatistic = RangeStatistic.MOVING_AVERAGE,
+          eval_texts: str = "heldout") -> dict[str, Any]:
     """Cosine to the float encoder with the ``kinds`` segments in int8 (see module doc).
 
     ``ladder``: the buckets the segments exist for (calibration picks the single texts
-    this bucket serves; default: the export's buckets)."""
+    this bucket serves; default: the export's buckets). ``eval_texts``: "heldout" (the
+    held-out set's queries and documents) or "corpus" (every 10th corpus text, held back
+    from the calibration: for choosing a recipe)."""
     import torch
 
     with torch.no_grad():
         return _study(checkpoint, art_dir, seq_len, smoothing, calibration, texts, kinds, ladder,
-                      ranges)
+                      ranges, eval_texts)
 
 
 def _study(checkpoint: str, art_dir: Path, seq_len: int, smoothing: Any,
            calibration: int, texts: int, kinds: Sequence[str],
-           ladder: Optional[Sequence[int]], ranges: RangeStatistic) -> dict[str, Any]:
+           ladder: Optional[Sequence[int]], ranges: RangeStatistic,
+           eval_texts: str) -> dict[str, Any]:
     import torch
     from ai_edge_litert.interpreter import Interpreter
     from tqdm import tqdm
@@ -89,8 +126,13 @@ def _study(checkpoint: str, art_dir: Path, seq_len: int, smoothing: Any,
     from .segment_build import quantize_segment
 
     core, _ = build_encoder(load_checkpoint(checkpoint))
-    cal = calibration_set(art_dir, [seq_len], calibration, ladder=ladder)[seq_len]
-    evals = heldout_inputs(art_dir, seq_len, texts)
+    if eval_texts == "corpus":
+        cal_rows, dev_rows = split_corpus()
+        cal = calibration_set(art_dir, [seq_len], calibration, cal_rows, ladder)[seq_len]
+        evals = corpus_dev_inputs(art_dir, seq_len, texts, dev_rows)
+    else:
+        cal = calibration_set(art_dir, [seq_len], calibration, ladder=ladder)[seq_len]
+        evals = heldout_inputs(art_dir, seq_len, texts)
     scales = seg.measure_scales(core, cal, smoothing)
     segments = seg.layer_segments(core, seq_len, scales)
     float_run = seg.torch_runner(segments)
@@ -121,7 +163,7 @@ def _study(checkpoint: str, art_dir: Path, seq_len: int, smoothing: Any,
             cos.append(float(torch.nn.functional.cosine_similarity(a, b, 0)))
     values = np.array(cos)
     return {"seq_len": seq_len, "smoothing": smoothing.to_json(), "calibration": calibration,
-            "ranges": ranges.value,
+            "ranges": ranges.value, "eval_texts": eval_texts,
             "texts": len(values), "kinds": list(kinds), "cosine_mean": float(values.mean()),
             "cosine_min": float(values.min()), "cosine_p1": float(np.percentile(values, 1))}
 
@@ -216,7 +258,10 @@ def _run(args: Any) -> int:
         raise InputError(f"--softmax-split {args.softmax_split}: a fraction in [0, 1) of the "
                          "softmax row maximum (0: one int8 tensor)")
     smoothing = Smoothing(*alphas, mlp_groups=args.mlp_groups, mlp_host_sum=args.mlp_host_sum,
-                          mlp_split=args.mlp_split, softmax_split=args.softmax_split)
+                          mlp_split=args.mlp_split, softmax_split=args.softmax_split,
+                          softmax_split_from=(default.softmax_split_from
+                                              if args.softmax_split_from is None
+                                              else args.softmax_split_from))
     if args.tensor_snr:
         from .tensor_snr import format_table
 
@@ -230,7 +275,7 @@ def _run(args: Any) -> int:
         return 0
     result = study(args.checkpoint, args.artifacts, args.seq_len,
                    smoothing, args.calibration, args.texts, args.kinds, args.ladder,
-                   RangeStatistic(args.ranges))
+                   RangeStatistic(args.ranges), args.eval_texts)
     print(json.dumps(result, indent=2))
     return 0
 
@@ -259,6 +304,8 @@ def register(sub: Any) -> None:
     p.add_argument("--softmax-split", type=float, default=None,
                    help="two-range softmax weights: the fine int8 tensor saturates at this "
                         "fraction of the row maximum (0: one tensor; default: the export's)")
+    p.add_argument("--softmax-split-from", type=int, default=None, metavar="TOKENS",
+                   help="the smallest bucket that uses --softmax-split (default: the export's)")
     p.add_argument("--calibration", type=int, default=32, help="corpus samples")
     p.add_argument("--ranges", default=RangeStatistic.MOVING_AVERAGE.value,
                    choices=[r.value for r in RangeStatistic],
@@ -266,7 +313,10 @@ def register(sub: Any) -> None:
     p.add_argument("--ladder", type=int_list, default=None,
                    help="buckets the segments exist for, e.g. 64,256 (the export's "
                         "--edgetpu-seq-len): calibration texts are those this bucket serves")
-    p.add_argument("--texts", type=int, default=24, help="held-out texts to compare")
+    p.add_argument("--texts", type=int, default=24, help="texts to compare")
+    p.add_argument("--eval-texts", choices=("heldout", "corpus"), default="heldout",
+                   help="compare on held-out texts (measuring) or on every 10th corpus text, "
+                        "held back from the calibration (choosing a recipe)")
     p.add_argument("--tensor-snr", type=int_list, default=None, metavar="LAYERS",
                    help="instead of the end-to-end cosine: the SNR of every int8 tensor of "
                         "these layers' segments against their float graphs, e.g. 1,12,23")

@@ -45,6 +45,10 @@ def _add_export(sub: Any) -> None:
                    help="the segments' GELU product as two int8 tensors, the fine one "
                         "saturating at this fraction of its range (default 0.125; 0: one "
                         "tensor, less Edge TPU time, lower fidelity: docs/quantization.md)")
+    p.add_argument("--edgetpu-softmax-split", type=float, default=None, metavar="R",
+                   help="the segments' softmax weights as two int8 tensors in buckets of 128 "
+                        "tokens and more, the fine one saturating at this fraction of the row "
+                        "maximum (default 0.125; 0: one tensor: docs/quantization.md)")
     p.add_argument("--no-edgetpu", action="store_true",
                    help="skip the fully int8 Edge TPU segments (~13 minutes of the real export)")
     p.add_argument("--no-eval", action="store_true",
@@ -64,6 +68,7 @@ def _run_export(args: argparse.Namespace) -> int:
     if args.pool_slots:
         options.pool_slots = args.pool_slots
     options.edgetpu_mlp_split = args.edgetpu_mlp_split
+    options.edgetpu_softmax_split = args.edgetpu_softmax_split
     manifest = run_export(args.checkpoint, args.out, options)
     ver = manifest.get("verification", {})
     print(f"wrote {args.out} in {manifest['export_seconds']} s")

@@ -375,13 +375,23 @@ def test_two_range_softmax_is_exact_in_float_and_fully_int8(tiny_core, calibrati
     from gemma_edge.export.segment_build import (
         FLOAT_EQUALITY,
         check_float,
+        host_constants,
         quantize_segment,
+        scales_from_host,
     )
 
     samples = calibration[BUCKET]
-    scales = seg.measure_scales(tiny_core, samples, seg.Smoothing(softmax_split=0.125))
+    scales = seg.measure_scales(tiny_core, samples, seg.Smoothing(softmax_split=0.125,
+                                                                  softmax_split_from=BUCKET))
     assert all(s.softmax_split == 0.125 for s in scales)
     segments = seg.layer_segments(tiny_core, BUCKET, scales)
+    # only buckets from softmax_split_from up carry the two ranges; the host file keeps
+    # the rule (the sensitivity report rebuilds the float segments from it)
+    assert segments[0][0].softmax_split == 0.125
+    assert seg.layer_segments(tiny_core, BUCKET // 2, scales)[0][0].softmax_split == 0.0
+    again = scales_from_host(host_constants(tiny_core, scales))
+    assert [(s.softmax_split, s.softmax_split_from) for s in again] == [(0.125, BUCKET)] * len(
+        scales)
     assert check_float(tiny_core, scales, segments, samples) >= FLOAT_EQUALITY
     feeds = seg.segment_inputs(tiny_core, scales, samples[:3])[(0, "attn")]
     data = quantize_segment("attn", segments[0][0], BUCKET, tiny_core.spec.hidden_size, feeds)
