@@ -69,8 +69,8 @@ class ExportOptions:
     # The MLP's two-range GELU product (segments.Smoothing.mlp_split; None: its default,
     # 0: one int8 tensor: 40 % fewer MLP weights to stream per call, lower fidelity)
     edgetpu_mlp_split: Optional[float] = None
-    # The softmax weights in two int8 ranges (segments.Smoothing.softmax_split, used from
-    # its softmax_split_from bucket up; None: its default, 0: one tensor everywhere)
+    # The softmax weights in two int8 ranges (segments.Smoothing.softmax_split; None: its
+    # default, 0: one tensor)
     edgetpu_softmax_split: Optional[float] = None
 
     def validate(self) -> None:

@@ -131,15 +131,15 @@ class Smoothing:
     # the segment also computes min(exp(-y) / r, 1) = exp(-relu(y - ln(1/r))) (its own
     # LOGISTIC chain: 1/r finer steps for the small weights) and keeps of the coarse
     # exp(-y) only its excess beyond r (exact zero below); both weight v and the row sum.
-    # 0: one tensor. Only in buckets of softmax_split_from tokens or more: the p*v
-    # products are rounded to int8 one by one before their sum over the row, and the
-    # more keys a row has, the more of its weight is small. Measured (attention segments
-    # only, 24 corpus texts held back from the calibration, `segment-study --eval-texts
-    # corpus`): 256 tokens 0.9957 / 0.9923 with r = 1/8 against 0.9911 / 0.9827; 64
-    # tokens (held-out texts, an earlier session) 0.99439 / 0.98405 against 0.99435 /
-    # 0.98357: no gain there for a third more attention ops.
+    # 0: one tensor. The p*v products are rounded to int8 one by one before their sum
+    # over the row, and the more keys a row has, the more of its weight is small.
+    # Measured (attention segments only, 24 corpus texts held back from the calibration,
+    # `segment-study --eval-texts corpus`, mean / min cosine): 256 tokens 0.9957 / 0.9923
+    # with r = 1/8 against 0.9911 / 0.9827 with one tensor; 64 tokens 0.9850 / 0.9705
+    # against 0.9844 / 0.9693. softmax_split_from: the smallest bucket (tokens) that uses
+    # it (0: all), for trading the extra attention ops back in small buckets.
     softmax_split: float = 0.125
-    softmax_split_from: int = 128
+    softmax_split_from: int = 0
 
     def to_json(self) -> dict[str, float]:
         return {"attn_in": self.attn_in, "v": self.v, "ff_in": self.ff_in, "act": self.act,

@@ -46,9 +46,9 @@ def _add_export(sub: Any) -> None:
                         "saturating at this fraction of its range (default 0.125; 0: one "
                         "tensor, less Edge TPU time, lower fidelity: docs/quantization.md)")
     p.add_argument("--edgetpu-softmax-split", type=float, default=None, metavar="R",
-                   help="the segments' softmax weights as two int8 tensors in buckets of 128 "
-                        "tokens and more, the fine one saturating at this fraction of the row "
-                        "maximum (default 0.125; 0: one tensor: docs/quantization.md)")
+                   help="the segments' softmax weights as two int8 tensors, the fine one "
+                        "saturating at this fraction of the row maximum (default 0.125; 0: one "
+                        "tensor, fewer attention ops, lower fidelity: docs/quantization.md)")
     p.add_argument("--no-edgetpu", action="store_true",
                    help="skip the fully int8 Edge TPU segments (~13 minutes of the real export)")
     p.add_argument("--no-eval", action="store_true",
