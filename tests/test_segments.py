@@ -179,6 +179,22 @@ def test_segment_study_measures_one_recipe(tiny_checkpoint, tiny_artifacts):
     assert exact["texts"] == 4 and exact["cosine_min"] > 0.99999  # nothing quantised
     mlp = study(str(tiny_checkpoint), tiny_artifacts, BUCKET, Smoothing(), 4, 4, ["mlp"])
     assert 0.5 < mlp["cosine_min"] <= mlp["cosine_mean"] < 0.99999
+    # judged on corpus texts held back from the calibration instead of the held-out set
+    dev = study(str(tiny_checkpoint), tiny_artifacts, BUCKET, Smoothing(), 4, 4, ["mlp"],
+                eval_texts="corpus")
+    assert dev["eval_texts"] == "corpus" and dev["texts"] == 4
+    assert 0.5 < dev["cosine_min"] <= dev["cosine_mean"] < 0.99999
+
+
+def test_corpus_split_holds_development_texts_back_from_the_calibration():
+    from gemma_edge.datasets import load_calibration_corpus
+    from gemma_edge.export.segment_study import DEV_EVERY, split_corpus
+
+    cal, dev = split_corpus()
+    rows = load_calibration_corpus()
+    assert len(cal) + len(dev) == len(rows) and len(dev) == -(-len(rows) // DEV_EVERY)
+    assert not {r["id"] for r in cal} & {r["id"] for r in dev}
+    assert len({r["lang"] for r in dev}) == len({r["lang"] for r in rows})  # every language
 
 
 def test_segmented_runner_explains_broken_artifacts(tiny_artifacts, tmp_path):
