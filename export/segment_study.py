@@ -316,7 +316,9 @@ def register(sub: Any) -> None:
     p.add_argument("--texts", type=int, default=24, help="texts to compare")
     p.add_argument("--eval-texts", choices=("heldout", "corpus"), default="heldout",
                    help="compare on held-out texts (measuring) or on every 10th corpus text, "
-                        "held back from the calibration (choosing a recipe)")
+                        "held back from the calibration (choosing a recipe); the cosine "
+                        "study only (--tensor-snr reads held-out documents that fill the "
+                        "bucket)")
     p.add_argument("--tensor-snr", type=int_list, default=None, metavar="LAYERS",
                    help="instead of the end-to-end cosine: the SNR of every int8 tensor of "
                         "these layers' segments against their float graphs, e.g. 1,12,23")

@@ -359,7 +359,9 @@ def test_quick_evaluation_in_manifest(tiny_artifacts):
                                          ({"edgetpu_buckets": (64, 4)}, "--edgetpu-seq-len"),
                                          ({"edgetpu_buckets": ()}, "--edgetpu-seq-len"),
                                          ({"edgetpu_mlp_split": 1.0}, "--edgetpu-mlp-split"),
-                                         ({"edgetpu_mlp_split": -0.1}, "--edgetpu-mlp-split")])
+                                         ({"edgetpu_mlp_split": -0.1}, "--edgetpu-mlp-split"),
+                                         ({"edgetpu_softmax_split": 1.0},
+                                          "--edgetpu-softmax-split")])
 def test_export_options_reject_bad_buckets(kwargs, flag):
     from gemma_edge.export.pipeline import ExportOptions
 

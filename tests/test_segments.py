@@ -358,7 +358,8 @@ def test_row_blocks_of_one_product_share_one_range(tiny_core, calibration):
     float_model = _convert_segment(_AttnSeg(segments[0][0]), {
         "a": torch.zeros(1, 1, BUCKET, hidden), "mask": torch.ones(1, BUCKET, BUCKET)})
     groups = row_block_groups(float_model)
-    assert len(groups) == 2 and all(len(g) > 2 for g in groups)  # q.k and p.v products
+    # the q.k products and the p.v products of the softmax weights' two ranges
+    assert len(groups) == 3 and all(len(g) > 2 for g in groups)
 
     ranges = {n: {"min": np.array(-float(i + 1)), "max": np.array(float(i))}
               for i, n in enumerate(groups[0])}
@@ -373,7 +374,7 @@ def test_row_blocks_of_one_product_share_one_range(tiny_core, calibration):
     producer = {out: op for op in ops for out in op["outputs"]}
     concats = [op for op in ops if op["op_name"] == "CONCATENATION"
                and all(producer[i]["op_name"] == "SUM" for i in op["inputs"])]
-    assert len(concats) == 2
+    assert len(concats) == 3
     for op in concats:
         muls = [producer[producer[i]["inputs"][0]] for i in op["inputs"]]
         assert all(m["op_name"] == "MUL" for m in muls)
