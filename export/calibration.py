@@ -45,11 +45,8 @@ def bucket_samples(embedder: Any, token_ids: Sequence[Sequence[int]], seq_len: i
     padding rows, docs/quantization.md), so the export keeps the default.
     """
     rng = random.Random(seed + seq_len)
-    lower = max((b for b in (ladder or embedder.buckets) if b < seq_len), default=0)
-    singles = [ids for ids in token_ids if lower < len(ids) <= seq_len]
-    if len(singles) < count:  # too few texts of this size: add longer ones cut to the bucket,
-        # as the device cuts them (keeping the final EOS)
-        longer = [list(ids[:seq_len - 1]) + [ids[-1]] for ids in token_ids if len(ids) > seq_len]
+    singles, longer = bucket_texts(token_ids, seq_len, ladder or embedder.buckets)
+    if len(singles) < count:  # too few texts of this size: add longer ones cut to the bucket
         singles += longer[:count - len(singles)]
     short = [ids for ids in token_ids if len(ids) <= seq_len // 2]
     samples: list[dict[str, np.ndarray]] = []
@@ -63,6 +60,20 @@ def bucket_samples(embedder: Any, token_ids: Sequence[Sequence[int]], seq_len: i
     while len(samples) < count and singles:
         samples.append(_inputs(embedder, [rng.choice(singles)], seq_len))
     return samples
+
+
+def cut_to_bucket(ids: Sequence[int], seq_len: int) -> list[int]:
+    """Token ids cut to ``seq_len`` as the device cuts a longer text: the final EOS kept."""
+    return list(ids) if len(ids) <= seq_len else list(ids[:seq_len - 1]) + [ids[-1]]
+
+
+def bucket_texts(token_ids: Sequence[Sequence[int]], seq_len: int, ladder: Sequence[int]
+                 ) -> tuple[list[Sequence[int]], list[list[int]]]:
+    """(the texts the ``seq_len`` bucket serves: longer than the next smaller bucket of
+    ``ladder``; the longer texts, cut to the bucket)."""
+    lower = max((b for b in ladder if b < seq_len), default=0)
+    return ([ids for ids in token_ids if lower < len(ids) <= seq_len],
+            [cut_to_bucket(ids, seq_len) for ids in token_ids if len(ids) > seq_len])
 
 
 def _inputs(embedder: Any, group: Sequence[Sequence[int]], seq_len: int

@@ -33,8 +33,7 @@ def heldout_inputs(art_dir: Path, seq_len: int, count: int) -> list[dict[str, np
     queries, docs = load_heldout()
     texts = ([emb.prompts["query"] + q["text"] for q in queries[:count // 2]]
              + [f"title: none | text: {d['text']}" for d in docs[:count - count // 2]])
-    ids, _ = emb.tokenizer.encode(texts, seq_len)
-    ids = [i if len(i) <= seq_len else list(i[:seq_len - 1]) + [i[-1]] for i in ids]
+    ids, _ = emb.tokenizer.encode(texts, seq_len)  # cut to the bucket, EOS kept
     return [_inputs(emb, [i], seq_len) for i in ids]
 
 
@@ -52,21 +51,16 @@ def split_corpus() -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
             [r for i, r in enumerate(rows) if i % DEV_EVERY == 0])
 
 
-def corpus_dev_inputs(art_dir: Path, seq_len: int, count: int,
+def corpus_dev_inputs(emb: Any, seq_len: int, count: int,
                       rows: Sequence[dict[str, Any]]) -> list[dict[str, np.ndarray]]:
     """Development texts (``split_corpus``) this bucket serves, one per bucket, as the
-    calibration picks its single texts (longer than the next smaller export bucket;
-    longer texts cut to the bucket when too few), spread over the languages in corpus
-    order."""
-    from gemma_edge.device import Embedder
+    calibration picks its single texts (``calibration.bucket_texts``; the longer texts,
+    cut, after them), spread over the languages in corpus order. ``emb``: a float
+    Embedder of the export."""
+    from .calibration import _inputs, bucket_texts, corpus_token_ids
 
-    from .calibration import _inputs, corpus_token_ids
-
-    emb = Embedder(art_dir, backend="cpu", precision="float")
-    ids = corpus_token_ids(emb, rows)
-    lower = max((b for b in emb.buckets if b < seq_len), default=0)
-    fits = [i for i in ids if lower < len(i) <= seq_len]
-    fits += [list(i[:seq_len - 1]) + [i[-1]] for i in ids if len(i) > seq_len]
+    served, longer = bucket_texts(corpus_token_ids(emb, rows), seq_len, emb.buckets)
+    fits = served + longer
     step = max(1, len(fits) // count)
     return [_inputs(emb, [i], seq_len) for i in fits[::step][:count]]
 
@@ -80,12 +74,12 @@ def full_bucket_inputs(art_dir: Path, seq_len: int, count: int) -> list[dict[str
     from gemma_edge.device import Embedder
     from gemma_edge.errors import InputError
 
-    from .calibration import _inputs
+    from .calibration import _inputs, cut_to_bucket
 
     emb = Embedder(art_dir, backend="cpu", precision="float")
     _, docs = load_heldout()
     ids, _ = emb.tokenizer.encode([f"title: none | text: {d['text']}" for d in docs], 10**6)
-    full = [list(i[:seq_len - 1]) + [i[-1]] for i in ids if len(i) >= seq_len][:count]
+    full = [cut_to_bucket(i, seq_len) for i in ids if len(i) >= seq_len][:count]
     if not full:
         raise InputError(f"no held-out document has {seq_len} tokens: use a smaller --seq-len")
     return [_inputs(emb, [i], seq_len) for i in full]
@@ -117,10 +111,11 @@ def _study(checkpoint: str, art_dir: Path, seq_len: int, smoothing: Any,
     from ai_edge_litert.interpreter import Interpreter
     from tqdm import tqdm
 
+    from gemma_edge.device import Embedder
     from gemma_edge.device.segmented import _Segment
 
     from . import segments as seg
-    from .calibration import calibration_set
+    from .calibration import calibration_from, calibration_set
     from .checkpoint import load_checkpoint
     from .encoder import BucketEncoder, build_encoder
     from .segment_build import quantize_segment
@@ -128,8 +123,9 @@ def _study(checkpoint: str, art_dir: Path, seq_len: int, smoothing: Any,
     core, _ = build_encoder(load_checkpoint(checkpoint))
     if eval_texts == "corpus":
         cal_rows, dev_rows = split_corpus()
-        cal = calibration_set(art_dir, [seq_len], calibration, cal_rows, ladder)[seq_len]
-        evals = corpus_dev_inputs(art_dir, seq_len, texts, dev_rows)
+        host = Embedder(art_dir, backend="cpu", precision="float")
+        cal = calibration_from(host, [seq_len], calibration, cal_rows, ladder)[seq_len]
+        evals = corpus_dev_inputs(host, seq_len, texts, dev_rows)
     else:
         cal = calibration_set(art_dir, [seq_len], calibration, ladder=ladder)[seq_len]
         evals = heldout_inputs(art_dir, seq_len, texts)
