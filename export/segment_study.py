@@ -237,6 +237,13 @@ def _run(args: Any) -> int:
     if args.mlp_groups < 1:
         from gemma_edge.errors import InputError
         raise InputError(f"--mlp-groups {args.mlp_groups}: at least 1")
+    if args.texts < 1:
+        from gemma_edge.errors import InputError
+        raise InputError(f"--texts {args.texts}: at least 1 text to compare")
+    if args.softmax_split_from is not None and args.softmax_split_from < 0:
+        from gemma_edge.errors import InputError
+        raise InputError(f"--softmax-split-from {args.softmax_split_from}: a bucket length in "
+                         "tokens, 0 or more (0: every bucket)")
     default = Smoothing()
     if args.mlp_host_sum is None:
         args.mlp_host_sum = default.mlp_host_sum

@@ -224,6 +224,14 @@ def test_segment_study_rejects_a_bad_softmax_split(tmp_path, capsys, value):
     assert code != 0 and "--softmax-split" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("extra,flag", [(["--texts", "0"], "--texts"),
+                                        (["--softmax-split-from", "-1"], "--softmax-split-from")])
+def test_segment_study_rejects_bad_counts(tmp_path, capsys, extra, flag):
+    code = main(["segment-study", "--checkpoint", str(tmp_path), "--artifacts", str(tmp_path),
+                 *extra])
+    assert code != 0 and flag in capsys.readouterr().err
+
+
 def test_eval_rejects_bad_dims(tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
         main(["eval", "--artifacts", str(tmp_path), "--checkpoint", str(tmp_path),
