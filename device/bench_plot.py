@@ -35,13 +35,24 @@ def plot_report(report: dict[str, Any], path: Path) -> None:
     left.set_ylabel("graph latency, ms (p50, bar to p90)")
     left.set_title("Encoder graph latency per bucket")
     left.legend()
-    names = list(results)
-    right.boxplot([results[n]["query_times_ms"] for n in names], showfliers=True)
-    right.set_xticks(range(1, len(names) + 1))
-    right.set_xticklabels(names)
+    boxes, labels = [], []
+    for name, r in results.items():  # short and longer queries (their token ranges)
+        for key in ("query", "longer_query"):
+            if f"{key}_times_ms" in r:
+                tokens = r.get(f"{key}_tokens", {})
+                boxes.append(r[f"{key}_times_ms"])
+                labels.append(f"{name}\n{tokens.get('min')}-{tokens.get('max')} tok")
+    right.boxplot(boxes, showfliers=True)
+    right.set_xticks(range(1, len(boxes) + 1))
+    right.set_xticklabels(labels)
+    right.set_yscale("log")
+    from matplotlib.ticker import FormatStrFormatter
+
+    for axis in (right.yaxis.set_major_formatter, right.yaxis.set_minor_formatter):
+        axis(FormatStrFormatter("%g"))  # plain ms on the log axis
     right.axhline(15.0, color="red", linestyle="--", label="15 ms budget")
     right.set_ylabel("ms")
-    right.set_title("Short query, text in -> vector out")
+    right.set_title("Queries, text in -> vector out (end to end)")
     right.legend()
     cpu = report.get("machine", {}).get("cpu", "")
     fig.suptitle(f"gemma-edge bench - {cpu}", fontsize=9)

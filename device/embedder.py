@@ -391,7 +391,7 @@ class Embedder:
             titles = list(title)
             if len(titles) != len(texts):
                 raise InputError(f"{len(titles)} titles for {len(texts)} texts")
-        full = [f"title: {t or 'none'} | text: {x}" for t, x in zip(titles, texts)]
+        full = [document_text(x, t) for t, x in zip(titles, texts)]
         return self.encode(full, prompt="", dim=dim)
 
     @staticmethod
@@ -401,6 +401,11 @@ class Embedder:
         if a.shape[1] != b.shape[1]:
             raise InputError(f"dimension mismatch: {a.shape[1]} vs {b.shape[1]}")
         return a @ b.T
+
+
+def document_text(text: str, title: Optional[str] = None) -> str:
+    """A document with EmbeddingGemma's document prompt, as ``encode_document`` embeds it."""
+    return f"title: {title or 'none'} | text: {text}"
 
 
 def truncate_dim(vectors: np.ndarray, dim: int) -> np.ndarray:

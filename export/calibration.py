@@ -16,6 +16,7 @@ from typing import Any, Optional, Sequence
 import numpy as np
 
 from gemma_edge.datasets import load_calibration_corpus
+from gemma_edge.device.embedder import document_text
 from gemma_edge.device.packing import bucket_inputs, pack_greedy
 
 
@@ -26,7 +27,7 @@ def corpus_token_ids(embedder: Any, rows: Optional[Sequence[dict[str, Any]]] = N
     texts = []
     for row in rows:
         if row["prompt"] == "document":
-            texts.append(f"title: {row.get('title') or 'none'} | text: {row['text']}")
+            texts.append(document_text(row["text"], row.get("title")))
         else:
             texts.append(embedder.prompts.get(row["prompt"], "") + row["text"])
     ids, _ = embedder.tokenizer.encode(texts, embedder.max_tokens)

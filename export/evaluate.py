@@ -22,11 +22,13 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
+from gemma_edge.device.embedder import document_text
+
 PRECISION_ROLE = {"float": "float", "int8": "int8", "full-int8": "edgetpu"}
 
 
 def _doc_texts(docs: Sequence[dict[str, Any]]) -> list[str]:
-    return [f"title: {d.get('title') or 'none'} | text: {d['text']}" for d in docs]
+    return [document_text(d["text"], d.get("title")) for d in docs]
 
 
 def evaluate(art_dir: Path, checkpoint_dir: Path, precisions: Sequence[str],

@@ -16,6 +16,8 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
+from gemma_edge.device.embedder import document_text
+
 from .quantize import RangeStatistic  # numpy only at import time
 
 # torch, litert-torch and ai-edge-quantizer are imported inside the functions: the CLI
@@ -32,7 +34,7 @@ def heldout_inputs(art_dir: Path, seq_len: int, count: int) -> list[dict[str, np
     emb = Embedder(art_dir, backend="cpu", precision="float")
     queries, docs = load_heldout()
     texts = ([emb.prompts["query"] + q["text"] for q in queries[:count // 2]]
-             + [f"title: none | text: {d['text']}" for d in docs[:count - count // 2]])
+             + [document_text(d["text"]) for d in docs[:count - count // 2]])
     ids, _ = emb.tokenizer.encode(texts, seq_len)  # cut to the bucket, EOS kept
     return [_inputs(emb, [i], seq_len) for i in ids]
 
@@ -78,7 +80,7 @@ def full_bucket_inputs(art_dir: Path, seq_len: int, count: int) -> list[dict[str
 
     emb = Embedder(art_dir, backend="cpu", precision="float")
     _, docs = load_heldout()
-    ids, _ = emb.tokenizer.encode([f"title: none | text: {d['text']}" for d in docs], 10**6)
+    ids, _ = emb.tokenizer.encode([document_text(d["text"]) for d in docs], 10**6)
     full = [cut_to_bucket(i, seq_len) for i in ids if len(i) >= seq_len][:count]
     if not full:
         raise InputError(f"no held-out document has {seq_len} tokens: use a smaller --seq-len")

@@ -19,12 +19,39 @@ def test_measure_reports_every_figure(tiny_artifacts):
         assert 0 < stats["p50"] <= stats["p90"] <= stats["p99"]
     assert set(result["query_stages_ms"]) == {"tokenize", "lookup", "invoke", "post"}
     assert result["bulk_packed_texts_per_s"] > 0 and result["peak_rss_mb"] > 10
+    assert result["bulk_model_speedup"] > 0
     assert result["graph_role"] == "int8"
     kinds = result["resident_by_kind_mb"]
     if sys.platform.startswith("linux"):  # the split adds up to the resident set
         assert kinds["libraries (.so)"] > 1 and kinds["packed weights (XNNPACK cache)"] > 0
         total = sum(kinds.values())
         assert abs(total - result["rss_stages_mb"]["after_bulk"]) < 0.1 * total
+
+
+def test_bulk_modes_interleaved_and_planned_speedup(tiny_artifacts):
+    from gemma_edge.device import Embedder
+    from gemma_edge.device.embedder import document_text
+
+    emb = Embedder(tiny_artifacts, backend="cpu", precision="int8", num_threads=1)
+    docs = [" ".join(["note"] * (1 + i % 5)) for i in range(20)]  # short: they can share
+    emb.pack_tokens = 7  # the passes set their own bound and give this one back
+    seconds = bench.bulk_passes(emb, docs, batch=8)
+    assert set(seconds) == {"packed", "padded"} and min(seconds.values()) > 0
+    assert emb.pack_tokens == 7
+    # Costed at 1 ms per call, the prediction is the number of calls saved by packing:
+    # texts / runs of the Embedder's own plans (batches of 8).
+    lengths = [len(i) for i in emb.tokenizer.encode([document_text(d) for d in docs],
+                                                    emb.max_tokens)[0]]
+    emb.pack_tokens = min(emb.max_tokens, 256)
+    runs = sum(len(emb.plan(lengths[s:s + 8])) for s in range(0, 20, 8))
+    assert runs < 20  # short documents do share buckets
+    emb.pack_tokens = 7
+    flat = {b: 1.0 for b in emb.buckets}
+    assert bench.planned_speedup(emb, docs, flat, batch=8) == pytest.approx(20 / runs)
+    # costed per token of the bucket, packing still wins: it fills the padding
+    per_token = {b: float(b) for b in emb.buckets}
+    assert bench.planned_speedup(emb, docs, per_token, batch=8) > 1.0
+    assert emb.pack_tokens == 7
 
 
 def _report(float_ms: float, int8_ms: float) -> dict:
