@@ -19,7 +19,7 @@ def test_measure_reports_every_figure(tiny_artifacts):
         assert 0 < stats["p50"] <= stats["p90"] <= stats["p99"]
     assert set(result["query_stages_ms"]) == {"tokenize", "lookup", "invoke", "post"}
     assert result["bulk_packed_texts_per_s"] > 0 and result["peak_rss_mb"] > 10
-    assert result["bulk_model_speedup"] > 0
+    assert 0 < result["bulk_model_speedup"] <= result["bulk_bound_speedup"]
     assert result["graph_role"] == "int8"
     kinds = result["resident_by_kind_mb"]
     if sys.platform.startswith("linux"):  # the split adds up to the resident set
@@ -47,10 +47,18 @@ def test_bulk_modes_interleaved_and_planned_speedup(tiny_artifacts):
     assert runs < 20  # short documents do share buckets
     emb.pack_tokens = 7
     flat = {b: 1.0 for b in emb.buckets}
-    assert bench.planned_speedup(emb, docs, flat, batch=8) == pytest.approx(20 / runs)
-    # costed per token of the bucket, packing still wins: it fills the padding
+    predicted = bench.planned_speedup(emb, docs, flat, batch=8)
+    assert predicted["plan"] == pytest.approx(20 / runs)
+    # the bound: all tokens in the largest bucket (cheapest per token at 1 ms a call)
+    assert predicted["bound"] == pytest.approx(20 * emb.max_tokens / sum(lengths))
+    assert predicted["bound"] >= predicted["plan"]
+    # costed per token of the bucket, packing still wins (it fills the padding), and the
+    # bound is what padding wastes: padded tokens / real tokens
     per_token = {b: float(b) for b in emb.buckets}
-    assert bench.planned_speedup(emb, docs, per_token, batch=8) > 1.0
+    predicted = bench.planned_speedup(emb, docs, per_token, batch=8)
+    assert 1.0 < predicted["plan"] <= predicted["bound"]
+    assert predicted["bound"] == pytest.approx(sum(emb.bucket_for(n) for n in lengths)
+                                               / sum(lengths))
     assert emb.pack_tokens == 7
 
 
