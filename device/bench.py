@@ -17,6 +17,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -173,7 +174,8 @@ def planned_speedup(emb: Any, docs: Sequence[str], bucket_ms: dict[int, float],
 
 def measure(artifacts: Path, backend: str, precision: str, runs: int, bulk: int,
             threads: Optional[int], max_open_graphs: Optional[int] = None,
-            weight_cache: bool = True) -> dict[str, Any]:
+            weight_cache: bool = True, given_queries: Optional[Sequence[str]] = None
+            ) -> dict[str, Any]:
     """All figures for one (backend, precision); runs in the current process."""
     rss = {"python_numpy": _current_rss_mb()}
     from gemma_edge.device import Embedder
@@ -203,6 +205,10 @@ def measure(artifacts: Path, backend: str, precision: str, runs: int, bulk: int,
         lengths = [len(x) for x in emb.tokenizer.encode(
             [emb.prompts.get("query", "") + q for q in queries], emb.max_tokens)[0]]
         result[f"{key}_tokens"] = {"min": min(lengths), "max": max(lengths)}
+    if given_queries:
+        from .bench_queries import time_queries
+
+        result["given_queries"] = time_queries(emb, given_queries)
     rss["after_queries"] = _current_rss_mb()
     result["peak_rss_after_queries_mb"] = _peak_rss_mb()
 
@@ -241,10 +247,10 @@ def measure(artifacts: Path, backend: str, precision: str, runs: int, bulk: int,
     return result
 
 
-def _child(args: argparse.Namespace, precision: str) -> dict[str, Any]:
+def _child(args: argparse.Namespace, precision: str, queries_file: str = "-") -> dict[str, Any]:
     cmd = [sys.executable, "-m", "gemma_edge.device.bench", "--child", str(args.artifacts),
            args.backend, precision, str(args.runs), str(args.bulk), str(args.threads or 0),
-           str(args.max_open_graphs or 0), "0" if args.no_weight_cache else "1"]
+           str(args.max_open_graphs or 0), "0" if args.no_weight_cache else "1", queries_file]
     done = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if done.returncode != 0:
         from gemma_edge.errors import GemmaEdgeError
@@ -299,9 +305,16 @@ def run(args: argparse.Namespace) -> int:
     precisions = [p for p in wanted if graphs_for_role(manifest, available.get(p, p))]
     report: dict[str, Any] = {"artifacts": str(args.artifacts), "machine": machine(),
                               "results": {}}
-    for precision in precisions:
-        print(f"benchmarking {precision} ...", file=sys.stderr, flush=True)
-        report["results"][precision] = _child(args, precision)
+    with tempfile.TemporaryDirectory() as tmp:
+        queries_file = "-"
+        if args.queries:  # read (and refused) here, before any child starts
+            from .bench_queries import load_queries
+
+            queries_file = str(Path(tmp) / "queries.json")
+            Path(queries_file).write_text(json.dumps(load_queries(args.queries)), encoding="utf-8")
+        for precision in precisions:
+            print(f"benchmarking {precision} ...", file=sys.stderr, flush=True)
+            report["results"][precision] = _child(args, precision, queries_file)
     report["edgetpu_estimate"] = edgetpu_estimate(args.artifacts, manifest)
     print_report(report)
     status = 0
@@ -352,6 +365,10 @@ def print_report(report: dict[str, Any]) -> None:
               + (f" ({r['peak_rss_after_bulk_mb']:.0f} MB after the queries and the bulk "
                  "documents, before the per-bucket sweep)" if "peak_rss_after_bulk_mb" in r
                  else ""))
+        if "given_queries" in r:
+            from .bench_queries import describe
+
+            print(describe(p, r["given_queries"]))
         if "longer_query_end_to_end_ms" in r:
             lq, lt = r["longer_query_end_to_end_ms"], r["longer_query_tokens"]
             print(f"{p}: longer queries ({lt['min']}-{lt['max']} tokens) end-to-end p50 "
@@ -411,6 +428,9 @@ def register(sub: Any) -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--runs", type=int, default=20, help="timed runs per bucket (>= 20 for p99)")
     p.add_argument("--bulk", type=int, default=200, help="documents for the bulk test (0: skip)")
+    p.add_argument("--queries", default=None,
+                   help="also time these queries one by one, end to end: a file (one per line, "
+                        "or .jsonl with 'text'), or 'heldout' for the project's held-out queries")
     p.add_argument("--json", type=Path, default=None)
     p.add_argument("--plot", type=Path, default=None)
     p.add_argument("--max-open-graphs", type=int, default=None,
@@ -423,9 +443,10 @@ def register(sub: Any) -> None:
 
 
 def _child_main(argv: Sequence[str]) -> None:
-    art, backend, precision, runs, bulk, threads, max_open, weight_cache = argv
+    art, backend, precision, runs, bulk, threads, max_open, weight_cache, queries_file = argv
+    queries = None if queries_file == "-" else json.loads(Path(queries_file).read_text("utf-8"))
     out = measure(Path(art), backend, precision, int(runs), int(bulk), int(threads) or None,
-                  int(max_open) or None, weight_cache == "1")
+                  int(max_open) or None, weight_cache == "1", queries)
     print(json.dumps(out))
 
 

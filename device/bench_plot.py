@@ -42,6 +42,10 @@ def plot_report(report: dict[str, Any], path: Path) -> None:
                 tokens = r.get(f"{key}_tokens", {})
                 boxes.append(r[f"{key}_times_ms"])
                 labels.append(f"{name}\n{tokens.get('min')}-{tokens.get('max')} tok")
+        given = r.get("given_queries")
+        if given:  # bench --queries: the user's own
+            boxes.append(given["times_ms"])
+            labels.append(f"{name}, given\n{given['tokens']['min']}-{given['tokens']['max']} tok")
     right.boxplot(boxes, showfliers=True)
     right.set_xticks(range(1, len(boxes) + 1))
     right.set_xticklabels(labels)

@@ -10,6 +10,7 @@ import pytest
 
 from gemma_edge.cli import main
 from gemma_edge.device import bench
+from gemma_edge.errors import InputError
 
 
 def test_measure_reports_every_figure(tiny_artifacts):
@@ -62,6 +63,40 @@ def test_bulk_modes_interleaved_and_planned_speedup(tiny_artifacts):
     assert emb.pack_tokens == 7
 
 
+def test_given_queries_timed_one_by_one(tiny_artifacts, tmp_path):
+    from gemma_edge.device import Embedder
+    from gemma_edge.device.bench_queries import describe, load_queries, time_queries
+
+    emb = Embedder(tiny_artifacts, backend="cpu", precision="int8", num_threads=1)
+    queries = ["reset router", "a much longer question " * 4, "kurz"]
+    figures = time_queries(emb, queries)
+    assert figures["n"] == 3 and len(figures["times_ms"]) == 3
+    assert 0 < figures["p50"] <= figures["p90"] <= figures["p99"]
+    lengths = [len(i) for i in emb.tokenizer.encode(
+        [emb.prompts["query"] + q for q in queries], emb.max_tokens)[0]]
+    assert figures["tokens"]["min"] == min(lengths) and figures["tokens"]["max"] == max(lengths)
+    # every query counted in the bucket its length chooses
+    expected = {}
+    for n in lengths:
+        expected[str(emb.bucket_for(n))] = expected.get(str(emb.bucket_for(n)), 0) + 1
+    assert {b: v["n"] for b, v in figures["by_bucket"].items()} == expected
+    assert "given queries (3," in describe("int8", figures)
+    # files: one per line or .jsonl; the held-out set by name; an empty file is refused
+    (tmp_path / "q.txt").write_text("one\n\ntwo\n", encoding="utf-8")
+    assert load_queries(str(tmp_path / "q.txt")) == ["one", "two"]
+    assert len(load_queries("heldout")) > 100
+    (tmp_path / "empty.txt").write_text("\n", encoding="utf-8")
+    with pytest.raises(InputError, match="no queries"):
+        load_queries(str(tmp_path / "empty.txt"))
+
+
+def test_bench_cli_refuses_missing_queries_file(tiny_artifacts, tmp_path, capsys):
+    code = main(["bench", "--artifacts", str(tiny_artifacts), "--runs", "3", "--bulk", "0",
+                 "--precisions", "int8", "--queries", str(tmp_path / "nope.txt")])
+    assert code != 0
+    assert "nope.txt: no such file" in capsys.readouterr().err
+
+
 def _report(float_ms: float, int8_ms: float) -> dict:
     return {"results": {p: {"buckets": {"256": {"p50": ms}}}
                         for p, ms in (("float", float_ms), ("int8", int8_ms))}}
@@ -75,8 +110,12 @@ def test_latency_check_compares_ratios(capsys):
 
 def test_bench_cli_writes_json_and_plot(tiny_artifacts, tmp_path):
     out, png = tmp_path / "b.json", tmp_path / "b.png"
+    queries = tmp_path / "q.jsonl"
+    queries.write_text('{"text": "where is the manual"}\n{"text": "wie spät ist es"}\n',
+                       encoding="utf-8")
     code = main(["bench", "--artifacts", str(tiny_artifacts), "--runs", "3", "--bulk", "8",
-                 "--precisions", "float,int8", "--json", str(out), "--plot", str(png)])
+                 "--precisions", "float,int8", "--json", str(out), "--plot", str(png),
+                 "--queries", str(queries)])
     assert code == 0
     report = json.loads(out.read_text())
     assert set(report["results"]) == {"float", "int8"}
@@ -85,6 +124,7 @@ def test_bench_cli_writes_json_and_plot(tiny_artifacts, tmp_path):
     assert int8["query_end_to_end_ms"]["n"] == int8["longer_query_end_to_end_ms"]["n"] == 3
     assert int8["longer_query_tokens"]["max"] > int8["query_tokens"]["max"]
     assert png.read_bytes()[:4] == b"\x89PNG"
+    assert int8["given_queries"]["n"] == report["results"]["float"]["given_queries"]["n"] == 2
 
 
 def test_eval_on_heldout(tiny_artifacts, tiny_checkpoint, tmp_path):
