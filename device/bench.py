@@ -381,7 +381,8 @@ def print_report(report: dict[str, Any]) -> None:
                   f"{'on' if r.get('weight_cache') else 'off'}")
         kinds = r.get("resident_by_kind_mb")
         if kinds:
-            print(f"{p}: resident MB by kind after the queries and the bulk documents: "
+            after = "the queries and the bulk documents" if "bulk_speedup" in r else "the queries"
+            print(f"{p}: resident MB by kind after {after}: "
                   + ", ".join(f"{k} {v:.0f}" for k, v in sorted(kinds.items(),
                                                                key=lambda kv: -kv[1])))
         if "bulk_speedup" in r:
