@@ -169,7 +169,9 @@ def planned_speedup(emb: Any, docs: Sequence[str], bucket_ms: dict[int, float],
         emb.pack_tokens = saved
     cheapest = min(ms / seq_len for seq_len, ms in bucket_ms.items())
     return {"plan": cost["padded"] / cost["packed"],
-            "bound": cost["padded"] / (sum(lengths) * cheapest)}
+            "bound": cost["padded"] / (sum(lengths) * cheapest),
+            "tokens_mean": float(np.mean(lengths)), "tokens_median": float(np.median(lengths)),
+            "tokens_max": int(max(lengths))}
 
 
 def measure(artifacts: Path, backend: str, precision: str, runs: int, bulk: int,
@@ -242,6 +244,8 @@ def measure(artifacts: Path, backend: str, precision: str, runs: int, bulk: int,
         bucket_ms = {int(b): stats["p50"] for b, stats in result["buckets"].items()}
         predicted = planned_speedup(emb, docs, bucket_ms)
         result["bulk_model_speedup"], result["bulk_bound_speedup"] = predicted["plan"], predicted["bound"]
+        result["bulk_tokens"] = {k[len("tokens_"):]: v for k, v in predicted.items()
+                                 if k.startswith("tokens_")}
 
     result["peak_rss_mb"] = _peak_rss_mb()
     return result
@@ -386,7 +390,10 @@ def print_report(report: dict[str, Any]) -> None:
                   + ", ".join(f"{k} {v:.0f}" for k, v in sorted(kinds.items(),
                                                                key=lambda kv: -kv[1])))
         if "bulk_speedup" in r:
-            print(f"{p}: bulk {r['bulk_texts']} docs: packed {r['bulk_packed_texts_per_s']:.1f}"
+            tokens = r.get("bulk_tokens")
+            mix = (f" ({tokens['mean']:.1f} tokens on average with the prompt, median "
+                   f"{tokens['median']:g}, max {tokens['max']})" if tokens else "")
+            print(f"{p}: bulk {r['bulk_texts']} docs{mix}: packed {r['bulk_packed_texts_per_s']:.1f}"
                   f" texts/s, padded {r['bulk_padded_texts_per_s']:.1f} texts/s "
                   f"({r['bulk_speedup']:.2f}x; the two modes interleaved batch by batch)"
                   + (f"; the per-bucket p50s predict {r['bulk_model_speedup']:.2f}x for the "

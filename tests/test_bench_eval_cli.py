@@ -21,6 +21,8 @@ def test_measure_reports_every_figure(tiny_artifacts):
     assert set(result["query_stages_ms"]) == {"tokenize", "lookup", "invoke", "post"}
     assert result["bulk_packed_texts_per_s"] > 0 and result["peak_rss_mb"] > 10
     assert 0 < result["bulk_model_speedup"] <= result["bulk_bound_speedup"]
+    tokens = result["bulk_tokens"]
+    assert 0 < tokens["median"] <= tokens["max"] and 0 < tokens["mean"] <= tokens["max"]
     assert result["graph_role"] == "int8"
     kinds = result["resident_by_kind_mb"]
     if sys.platform.startswith("linux"):  # the split adds up to the resident set
