@@ -19,8 +19,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Iterator, Optional, Sequence
 
 import numpy as np
 
@@ -117,6 +118,17 @@ def _pack_tokens(emb: Any, label: str) -> int:
     return min(emb.max_tokens, 256) if label == "packed" else 0
 
 
+@contextmanager
+def _bulk_mode(emb: Any, label: str) -> Iterator[None]:
+    """The Embedder set to one bulk mode, its own packing bound given back afterwards."""
+    saved = emb.pack_tokens
+    emb.pack_tokens = _pack_tokens(emb, label)
+    try:
+        yield
+    finally:
+        emb.pack_tokens = saved
+
+
 def bulk_passes(emb: Any, docs: Sequence[str], batch: int = BULK_BATCH) -> dict[str, float]:
     """Seconds to embed ``docs`` packed and padded, the two modes interleaved batch by batch.
 
@@ -127,51 +139,43 @@ def bulk_passes(emb: Any, docs: Sequence[str], batch: int = BULK_BATCH) -> dict[
     graphs.
     """
     seconds = {label: 0.0 for label in BULK_MODES}
-    saved = emb.pack_tokens
-    try:
-        for label in BULK_MODES:
-            emb.pack_tokens = _pack_tokens(emb, label)
+    for label in BULK_MODES:
+        with _bulk_mode(emb, label):
             emb.encode_document(list(docs[:batch]))
-        for k, start in enumerate(range(0, len(docs), batch)):
-            for label in BULK_MODES if k % 2 == 0 else BULK_MODES[::-1]:
-                emb.pack_tokens = _pack_tokens(emb, label)
+    for k, start in enumerate(range(0, len(docs), batch)):
+        for label in BULK_MODES if k % 2 == 0 else BULK_MODES[::-1]:
+            with _bulk_mode(emb, label):
                 t0 = time.perf_counter()
                 emb.encode_document(list(docs[start:start + batch]))
                 seconds[label] += time.perf_counter() - t0
-    finally:
-        emb.pack_tokens = saved
     return seconds
 
 
 def planned_speedup(emb: Any, docs: Sequence[str], bucket_ms: dict[int, float],
-                    batch: int = BULK_BATCH) -> dict[str, float]:
+                    batch: int = BULK_BATCH) -> dict[str, Any]:
     """Packed / padded speed that the per-bucket latencies predict for the bulk batches.
 
     ``plan``: the Embedder's own plan for each batch, costed at each bucket's p50 (graph
     alone): what its packing gains on this mix of lengths, per-call overheads and drift
     left out. ``bound``: every token packed without a gap into the bucket that is cheapest
     per token - what no plan can beat with these graphs, so it says whether a speed-up
-    target is within reach at all.
+    target is within reach at all. ``tokens``: the mix's length (mean, median, max).
     """
     from gemma_edge.device.embedder import document_text
 
     full = [document_text(d) for d in docs]
     lengths = [len(ids) for ids in emb.tokenizer.encode(full, emb.max_tokens)[0]]
     cost = {}
-    saved = emb.pack_tokens
-    try:
-        for label in BULK_MODES:
-            emb.pack_tokens = _pack_tokens(emb, label)
+    for label in BULK_MODES:
+        with _bulk_mode(emb, label):
             cost[label] = sum(bucket_ms[seq_len]
                               for start in range(0, len(lengths), batch)
                               for seq_len, _ in emb.plan(lengths[start:start + batch]))
-    finally:
-        emb.pack_tokens = saved
     cheapest = min(ms / seq_len for seq_len, ms in bucket_ms.items())
     return {"plan": cost["padded"] / cost["packed"],
             "bound": cost["padded"] / (sum(lengths) * cheapest),
-            "tokens_mean": float(np.mean(lengths)), "tokens_median": float(np.median(lengths)),
-            "tokens_max": int(max(lengths))}
+            "tokens": {"mean": float(np.mean(lengths)), "median": float(np.median(lengths)),
+                       "max": int(max(lengths))}}
 
 
 def measure(artifacts: Path, backend: str, precision: str, runs: int, bulk: int,
@@ -182,6 +186,8 @@ def measure(artifacts: Path, backend: str, precision: str, runs: int, bulk: int,
     rss = {"python_numpy": _current_rss_mb()}
     from gemma_edge.device import Embedder
     from gemma_edge.device.packing import bucket_inputs
+
+    from .bench_queries import query_lengths
 
     emb = Embedder(artifacts, backend=backend, precision=precision, num_threads=threads,
                    max_open_graphs=max_open_graphs, weight_cache=None if weight_cache else False)
@@ -204,8 +210,7 @@ def measure(artifacts: Path, backend: str, precision: str, runs: int, bulk: int,
         result[f"{key}_end_to_end_ms"] = _percentiles(times)
         result[f"{key}_times_ms"] = [round(t * 1000.0, 3) for t in times]
         result[f"{key}_stages_ms"] = {k: 1000.0 * v / runs for k, v in emb.stage_seconds.items()}
-        lengths = [len(x) for x in emb.tokenizer.encode(
-            [emb.prompts.get("query", "") + q for q in queries], emb.max_tokens)[0]]
+        lengths = query_lengths(emb, queries)
         result[f"{key}_tokens"] = {"min": min(lengths), "max": max(lengths)}
     if given_queries:
         from .bench_queries import time_queries
@@ -244,8 +249,7 @@ def measure(artifacts: Path, backend: str, precision: str, runs: int, bulk: int,
         bucket_ms = {int(b): stats["p50"] for b, stats in result["buckets"].items()}
         predicted = planned_speedup(emb, docs, bucket_ms)
         result["bulk_model_speedup"], result["bulk_bound_speedup"] = predicted["plan"], predicted["bound"]
-        result["bulk_tokens"] = {k[len("tokens_"):]: v for k, v in predicted.items()
-                                 if k.startswith("tokens_")}
+        result["bulk_tokens"] = predicted["tokens"]
 
     result["peak_rss_mb"] = _peak_rss_mb()
     return result

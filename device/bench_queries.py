@@ -35,15 +35,20 @@ def load_queries(spec: str) -> list[str]:
     return queries
 
 
+def query_lengths(emb: Any, queries: Sequence[str]) -> list[int]:
+    """Tokens of each query as ``encode_query`` feeds it (prompt, BOS/EOS, the cut)."""
+    ids, _ = emb.tokenizer.encode([emb.prompts.get("query", "") + q for q in queries],
+                                  emb.max_tokens)
+    return [len(x) for x in ids]
+
+
 def time_queries(emb: Any, queries: Sequence[str]) -> dict[str, Any]:
     """Each query embedded alone once, end to end, after one untimed query per bucket.
 
     Returns the percentiles over all queries, their token counts (prompt included) and
     the p50 per bucket they fall into.
     """
-    prompt = emb.prompts.get("query", "")
-    ids, _ = emb.tokenizer.encode([prompt + q for q in queries], emb.max_tokens)
-    lengths = [len(x) for x in ids]
+    lengths = query_lengths(emb, queries)
     buckets = [emb.bucket_for(n) for n in lengths]
     for bucket in sorted(set(buckets)):  # warm-up: open each bucket's graph, size its arena
         emb.encode_query([queries[buckets.index(bucket)]])
@@ -53,7 +58,7 @@ def time_queries(emb: Any, queries: Sequence[str]) -> dict[str, Any]:
         emb.encode_query([query])
         times.append(time.perf_counter() - start)
     ms = np.asarray(times) * 1000.0
-    per_bucket = {str(b): {"n": int(sum(1 for x in buckets if x == b)),
+    per_bucket = {str(b): {"n": buckets.count(b),
                            "p50": float(np.percentile(ms[[x == b for x in buckets]], 50))}
                   for b in sorted(set(buckets))}
     return {"n": len(queries), "p50": float(np.percentile(ms, 50)),
