@@ -63,17 +63,21 @@ class CompileResult:
 
 
 def find_compiler() -> str:
-    """Path of edgetpu_compiler, or CompilerNotFoundError saying how to get it."""
+    """Absolute path of edgetpu_compiler, or CompilerNotFoundError saying how to get it.
+
+    Absolute because the compiler starts inside its staging folder: a relative override or
+    a relative PATH entry would otherwise be looked up from there.
+    """
     override = os.environ.get(COMPILER_ENV)
     if override:
         if os.path.isfile(override) and os.access(override, os.X_OK):
-            return override
+            return os.path.abspath(override)
         raise CompilerNotFoundError(f"{COMPILER_ENV}={override}: not an executable file. "
                                     f"{INSTALL_HINT}")
     found = shutil.which(COMPILER)
     if not found:
         raise CompilerNotFoundError(f"{COMPILER} not found on PATH. {INSTALL_HINT}")
-    return found
+    return os.path.abspath(found)
 
 
 def compiled_names(model: Path, segments: Optional[int]) -> list[str]:
@@ -104,7 +108,9 @@ def compile_model(model_path: Path, out_dir: Path, segments: Optional[int] = Non
     predictions = _predict(models, min_runtime, multiple_subgraphs) if preflight else {}
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".edgetpu-compile-", dir=out_dir))
+    # absolute: the compiler runs with the staging folder as its working directory, where
+    # a relative --out_dir (`gemma-edge compile build/artifacts`) would not resolve
+    staging = Path(tempfile.mkdtemp(prefix=".edgetpu-compile-", dir=out_dir.resolve()))
     try:
         cmd = [compiler, "--show_operations", "--out_dir", str(staging),
                "--timeout_sec", str(int(math.ceil(timeout)))]
@@ -223,6 +229,8 @@ _HINTS = {
                      "'edgetpu'), not the float or weights-only int8 one",
     "unknown_opcode": "an op or op version is newer than compiler 16 knows; `gemma-edge check` "
                       "lists it; re-export with older op versions or replace the op",
+    "output_not_writable": "the compiler could not write into its output folder (missing, "
+                           "read-only or full disk): check the folder and its free space",
     "internal_error": "the compiler crashed on this graph; try a smaller bucket or --segments",
     "unresolved_custom_op": "the graph has a custom op the compiler's TFLite cannot load",
     "crashed": "the compiler process crashed; try a smaller bucket or --segments",

@@ -35,6 +35,8 @@ _INTS = {"edgetpu_subgraphs", "total_ops", "tpu_ops", "cpu_ops"}
 _FAILURES = (
     ("not_quantized", re.compile(r"Model not quantized")),
     ("unknown_opcode", re.compile(r"Didn't find op for builtin opcode '([^']+)' version '(\d+)'")),
+    # printed just before "Internal compiler error" when --out_dir is missing or read-only
+    ("output_not_writable", re.compile(r"Error opening file for writing: ?(.+)")),
     ("internal_error", re.compile(r"Internal compiler error\. Aborting!")),
     ("unresolved_custom_op", re.compile(r"Encountered unresolved custom op: ?([^\s.]+)")),
     ("compilation_failed", re.compile(r"^Compilation failed: (.+)$", re.M)),

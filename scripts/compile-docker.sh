@@ -38,8 +38,40 @@ if [[ "${GEMMA_EDGE_REBUILD:-0}" == "1" ]] || ! docker image inspect "$image" >/
     docker build --platform linux/amd64 -f "$repo/docker/Dockerfile" -t "$image" "$repo"
 fi
 
+# Paths in the options are the host's: --out (the only path option) is made absolute
+# here, relative to the caller's folder, and mounted; inside, the container's /work is
+# the working directory, where a host path would not resolve.
+mounts=(-v "$mount_dir:/work")
+opts=()
+while [[ $# -gt 0 ]]; do
+    case "$1" in
+        --out|--out=*)
+            if [[ "$1" == --out ]]; then
+                [[ $# -ge 2 ]] || die "--out needs a folder"
+                out="$2"
+                shift 2
+            else
+                out="${1#--out=}"
+                shift
+            fi
+            mkdir -p -- "$out" || die "--out $out: cannot create that folder"
+            out_abs="$(cd "$out" && pwd)"
+            if [[ "$out_abs" == "$mount_dir" ]]; then
+                opts+=(--out /work)
+            else
+                mounts+=(-v "$out_abs:/out")
+                opts+=(--out /out)
+            fi
+            ;;
+        *)
+            opts+=("$1")
+            shift
+            ;;
+    esac
+done
+
 # Run as the calling user so the compiled files in the mounted folder are theirs.
 docker run --rm --platform linux/amd64 \
     --user "$(id -u):$(id -g)" \
-    -v "$mount_dir:/work" \
-    "$image" compile "$inside" "$@"
+    "${mounts[@]}" \
+    "$image" compile "$inside" ${opts[@]+"${opts[@]}"}

@@ -227,3 +227,55 @@ def test_cli_co_compiles_the_segments_of_a_bucket(fake: Path, tmp_path: Path,
                                  "edgetpu/mlp_16_00_edgetpu.tflite"]
     assert all(s in manifest["files"] for s in entry["segments"])
     assert main(["compile", str(art), "--timeout", "30", "--segments", "2"]) == 2
+
+
+def test_relative_paths_resolve_before_the_compiler_starts(fake: Path, tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """The compiler runs inside its staging folder: a relative --out_dir, model or compiler
+    path given from the caller's folder would resolve against that folder instead."""
+    work = tmp_path / "work"
+    (work / "bin").mkdir(parents=True)
+    fc_model(work / "encoder_edgetpu_16.tflite")
+    exe = work / "bin" / "edgetpu_compiler"
+    exe.write_text(f"#!{sys.executable}\n" + FAKE.read_text())
+    exe.chmod(0o755)
+    monkeypatch.chdir(work)
+    monkeypatch.setenv("PATH", f"bin{os.pathsep}{os.environ['PATH']}")  # a relative PATH entry
+    result = compile_model(Path("encoder_edgetpu_16.tflite"), Path("out"), timeout=30)
+    assert result.models[0].outputs == [Path("out") / "encoder_edgetpu_16_edgetpu.tflite"]
+    assert (work / "out" / "encoder_edgetpu_16_edgetpu.tflite").stat().st_size == 8192
+    argv = json.loads(fake.read_text())
+    out_dir = Path(argv[argv.index("--out_dir") + 1])
+    assert out_dir.is_absolute() and out_dir.parent == work / "out"
+    report = json.loads(result.report_path.read_text())
+    assert Path(report["compiler"]["path"]) == exe  # absolute: found from the caller's folder
+    monkeypatch.setenv("PATH", str(tmp_path / "nothing"))
+    monkeypatch.setenv("GEMMA_EDGE_EDGETPU_COMPILER", "bin/edgetpu_compiler")
+    assert compile_model(Path("encoder_edgetpu_16.tflite"), Path("out2"), timeout=30).models
+
+
+def test_cli_compiles_a_relative_artifacts_dir(fake: Path, tmp_path: Path,
+                                              monkeypatch: pytest.MonkeyPatch,
+                                              capsys: pytest.CaptureFixture) -> None:
+    """`make compile` passes build/artifacts: the segments live in build/artifacts/edgetpu."""
+    art = tmp_path / "build" / "artifacts"
+    (art / "edgetpu").mkdir(parents=True)
+    segments = [f"edgetpu/{kind}_32_00.tflite" for kind in ("attn", "mlp")]
+    for name in segments:
+        fc_model(art / name)
+    graph = {"path": "edgetpu/host.npz", "role": "edgetpu", "layout": "segments",
+             "segments": segments, "seq_lens": [32], "pool_slots": 4}
+    (art / "edgetpu" / "host.npz").write_bytes(b"constants")
+    (art / "manifest.json").write_text(json.dumps({
+        "format_version": FORMAT_VERSION, "model": {"hidden_size": 16}, "buckets": [32],
+        "tokenizer": {}, "embedding_tables": {}, "graphs": [graph],
+        "files": describe_files(art, segments + ["edgetpu/host.npz"])}))
+    monkeypatch.chdir(tmp_path)
+    assert main(["compile", "build/artifacts", "--timeout", "30"]) == 0, capsys.readouterr().err
+    manifest = load_manifest(art, verify_hashes=True)
+    entry = next(g for g in manifest["graphs"] if g["role"] == "edgetpu-compiled")
+    assert entry["segments"] == ["edgetpu/attn_32_00_edgetpu.tflite",
+                                 "edgetpu/mlp_32_00_edgetpu.tflite"]
+    assert entry["compile_report"] == "edgetpu/attn_32_00_edgetpu.report.json"
+    assert (art / "edgetpu" / "attn_32_00_edgetpu.tflite").is_file()
+    assert not list((art / "edgetpu").glob(".edgetpu-compile-*"))

@@ -118,3 +118,12 @@ def test_unknown_lines_are_ignored() -> None:
     text = (FIXTURES / "full_mapped.txt").read_text().replace(
         "Operation log:", "Something new: 42\nOperation log:")
     assert parse_compiler_output(text).models[0].operation_log == "encoder_edgetpu_64_edgetpu.log"
+
+
+def test_unwritable_output_is_named_before_the_internal_error() -> None:
+    """The compiler prints its summary, then fails to write the file (issue 400 of
+    google-coral/edgetpu): the cause is the output folder, not the graph."""
+    log = _log("fail_output_not_writable.txt")
+    assert not log.ok and log.failure == "output_not_writable"
+    assert log.failure_detail == ("Error opening file for writing: build/artifacts/edgetpu/"
+                                  ".edgetpu-compile-x1/attn_32_00_edgetpu.tflite")
