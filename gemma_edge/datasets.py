@@ -8,12 +8,21 @@ from __future__ import annotations
 
 import json
 import os
+import unicodedata
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Optional, Type
 
 from .errors import CalibrationDataError, GemmaEdgeError
 
 CORPUS_FIELDS = ("id", "lang", "domain", "kind", "prompt", "text")
+SHORT_FIELDS = ("id", "lang", "text")
+# The short held-out sentences are "5-12 words" by this rule (documented in
+# calibration_data/heldout/README.md): scripts that do not separate words with spaces
+# count letters (Unicode category L*, so Thai vowel and tone marks do not count) per
+# word; Vietnamese spaces separate syllables, about 1.3 per word; elsewhere a word is a
+# space-separated token with at least one letter or digit.
+LETTERS_PER_WORD = {"zh": 2.0, "ja": 2.0, "th": 3.0}
+SYLLABLES_PER_WORD = {"vi": 1.3}
 
 
 def data_dir() -> Path:
@@ -69,3 +78,30 @@ def load_heldout(root: Optional[Path] = None) -> tuple[list[dict[str, Any]], lis
             raise CalibrationDataError(f"{base / 'queries.jsonl'}: query {q['id']} names "
                                        f"unknown documents {unknown}")
     return queries, docs
+
+
+def word_count(text: str, lang: str) -> float:
+    """Words in ``text`` by the short set's rule (fractional for the scripts without spaces)."""
+    if lang in LETTERS_PER_WORD:
+        letters = sum(unicodedata.category(c).startswith("L") for c in text)
+        return letters / LETTERS_PER_WORD[lang]
+    tokens = sum(1 for t in text.split() if any(c.isalnum() for c in t))
+    return tokens / SYLLABLES_PER_WORD.get(lang, 1.0)
+
+
+def load_short_heldout(root: Optional[Path] = None) -> list[dict[str, Any]]:
+    """The held-out short everyday sentences (``heldout/short.jsonl``): the tail the
+    retrieval set is too long to show; never used for calibration or for choosing a recipe."""
+    path = (root or data_dir()) / "heldout" / "short.jsonl"
+    if not path.is_file():
+        raise CalibrationDataError(f"{path}: the short held-out sentences are missing; "
+                                   "restore calibration_data/heldout/short.jsonl from the repository")
+    rows = read_jsonl(path, SHORT_FIELDS)
+    seen: set[str] = set()
+    for row in rows:
+        if not isinstance(row["text"], str) or not row["text"].strip():
+            raise CalibrationDataError(f"{path}: {row['id']}: 'text' must be a non-empty string")
+        if row["id"] in seen:
+            raise CalibrationDataError(f"{path}: id {row['id']} appears twice")
+        seen.add(row["id"])
+    return rows
