@@ -71,7 +71,27 @@ class Checkpoint:
         from safetensors.torch import load_file
 
         raw = load_file(str(self.weights_path))
+        check_finite(self.weights_path, raw)
         return {k.removeprefix("model."): v.to(torch.float32) for k, v in raw.items()}
+
+
+def check_finite(path: Path, tensors: dict[str, Any]) -> None:
+    """Refuse NaN or infinite weights, naming the file and tensor.
+
+    Such a checkpoint converts without complaint and gives NaN vectors (whose cosine
+    checks a NaN passes unless written for it), or kills the int8 quantiser minutes later.
+    """
+    import torch
+
+    for name, tensor in tensors.items():
+        if not tensor.is_floating_point():
+            continue
+        bad = int((~torch.isfinite(tensor)).sum())
+        if bad:
+            raise CheckpointError(f"{path}: tensor {name!r} holds {bad} non-finite "
+                                  f"value{'s' if bad > 1 else ''} (NaN or infinity) of "
+                                  f"{tensor.numel()}; the checkpoint is corrupted or diverged "
+                                  "in training: use another one")
 
 
 def resolve_checkpoint(spec: str) -> Path:
@@ -144,6 +164,7 @@ def _load_dense(root: Path, folder: str) -> DenseLayer:
     weights = root / folder / "model.safetensors"
     check_safetensors(weights)
     tensors = load_file(str(weights))
+    check_finite(weights, tensors)
     if "linear.weight" not in tensors:
         raise CheckpointError(f"{weights}: no 'linear.weight' tensor")
     weight = tensors["linear.weight"].float()

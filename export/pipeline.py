@@ -28,6 +28,7 @@ from gemma_edge.manifest import (
     MANIFEST_NAME,
     atomic_write_json,
     atomic_write_npy,
+    check_output_folder,
     describe_files,
     staged_directory,
 )
@@ -73,16 +74,16 @@ class ExportOptions:
     # default, 0: one tensor)
     edgetpu_softmax_split: Optional[float] = None
 
-    def validate(self) -> None:
-        buckets = sorted(set(int(b) for b in self.buckets))
-        if not buckets or buckets[0] < 8:
-            raise InputError(f"--seq-len {list(self.buckets)}: each bucket must be >= 8 tokens")
-        self.buckets = buckets
-        edgetpu_buckets = sorted(set(int(b) for b in self.edgetpu_buckets))
-        if self.edgetpu and (not edgetpu_buckets or edgetpu_buckets[0] < 8):
-            raise InputError(f"--edgetpu-seq-len {list(self.edgetpu_buckets)}: each bucket "
-                             "must be >= 8 tokens")
-        self.edgetpu_buckets = edgetpu_buckets
+    def validate(self, max_positions: Optional[int] = None, config_path: Any = "config.json"
+                 ) -> None:
+        """Refuse bad options before any work; ``max_positions`` (the checkpoint's
+        max_position_embeddings, read from ``config_path``) bounds the bucket lengths: a
+        longer bucket cannot be encoded and would try to allocate its attention masks
+        (tens of GB for 100000 tokens) before failing."""
+        self.buckets = _buckets("--seq-len", self.buckets, max_positions, config_path)
+        if self.quantize and self.edgetpu:
+            self.edgetpu_buckets = _buckets("--edgetpu-seq-len", self.edgetpu_buckets,
+                                            max_positions, config_path)
         if self.edgetpu_mlp_split is not None and not 0.0 <= self.edgetpu_mlp_split < 1.0:
             raise InputError(f"--edgetpu-mlp-split {self.edgetpu_mlp_split}: a fraction in "
                              "[0, 1) of the GELU product's range (0: one int8 tensor)")
@@ -91,8 +92,27 @@ class ExportOptions:
             raise InputError(f"--edgetpu-softmax-split {self.edgetpu_softmax_split}: a "
                              "fraction in [0, 1) of the softmax row maximum (0: one int8 "
                              "tensor)")
-        if self.pool_slots < 1:
-            raise InputError("--pool-slots must be >= 1")
+        if not self.pool_slots >= 1:
+            raise InputError(f"--pool-slots {self.pool_slots}: must be at least 1 (the number "
+                             f"of texts one graph run can pool; default {DEFAULT_POOL_SLOTS})")
+        if self.pool_slots > self.buckets[-1]:
+            raise InputError(f"--pool-slots {self.pool_slots}: at most the largest bucket "
+                             f"({self.buckets[-1]} tokens): every pooled text takes a token")
+
+
+def _buckets(flag: str, given: Sequence[int], max_positions: Optional[int],
+             config_path: Any) -> list[int]:
+    """``given`` sorted and deduplicated, each in [8, max_positions], or an InputError."""
+    buckets = sorted(set(int(b) for b in given))
+    if not buckets:
+        raise InputError(f"{flag}: no bucket length given; pass comma-separated token counts")
+    if buckets[0] < 8:
+        raise InputError(f"{flag} {buckets[0]}: each bucket must be >= 8 tokens")
+    if max_positions is not None and buckets[-1] > max_positions:
+        raise InputError(f"{flag} {buckets[-1]}: longer than the model's {max_positions} "
+                         f"positions (max_position_embeddings in {config_path}); pass "
+                         f"buckets of at most {max_positions} tokens")
+    return buckets
 
 
 def mrl_dims_for(output_dim: int, requested: Sequence[int]) -> list[int]:
@@ -143,21 +163,32 @@ def _tokenizer_spec(ck: Checkpoint, out: Path, probe_texts: Sequence[str]) -> di
     return spec
 
 
-def run_export(checkpoint: str, out: Path, options: Optional[ExportOptions] = None
-               ) -> dict[str, Any]:
+def run_export(checkpoint: str, out: Path, options: Optional[ExportOptions] = None,
+               force: bool = False) -> dict[str, Any]:
+    """Export ``checkpoint`` to the artifacts folder ``out`` (see the module docstring).
+
+    ``out`` must be new, empty or an earlier export; ``force`` lets it replace any other
+    folder (never a file, nor the checkpoint's folder): checked before any work, so a
+    mistyped ``--out`` costs nothing.
+    """
     options = options or ExportOptions()
     options.validate()
+    local = Path(checkpoint).expanduser()
+    protect = [local] if local.exists() else []
+    out = check_output_folder(out, force, protect)
     started = time.time()
     steps = tqdm(total=6 + int(options.quantize), desc="loading checkpoint", unit="step", leave=True)
     ck = load_checkpoint(checkpoint)
+    positions = ck.config.get("max_position_embeddings")
+    options.validate(int(positions) if positions is not None else None, ck.root / "config.json")
+    protect.append(ck.root)
     steps.update()
     steps.set_description("building export encoder")
     core, table = build_encoder(ck)
     spec = core.spec
     steps.update()
-    out = Path(out)
     # (the segments' worker pool closes before the staging folder is kept or removed)
-    with staged_directory(out) as stage, contextlib.ExitStack() as background:
+    with staged_directory(out, force, protect) as stage, contextlib.ExitStack() as background:
         tables = _write_tables(table, stage, steps)
         del table
         steps.update()
@@ -364,25 +395,31 @@ def verify_artifacts(art_dir: Path, checkpoint_dir: Path, precision: str,
 
         texts = list(verify.SAMPLE_TEXTS) + verify.length_targeted_texts(count, emb.buckets)
     result: dict[str, Any] = {"texts": len(texts)}
-    worst = 1.0
+    mins: list[float] = []
     with tempfile.TemporaryDirectory(prefix="gemma-edge-verify-") as cache:
         shared = _shared_int8_embedder(emb, Path(cache))
         for prompt_name in ("query", "document"):
             ours = emb.encode(texts, prompt_name=prompt_name)
+            bad = int(np.count_nonzero(~np.isfinite(ours).all(axis=1)))
+            if bad:
+                raise VerificationError(
+                    f"{precision} TFLite export: {bad} of {len(texts)} {prompt_name} vectors are "
+                    "not finite (NaN or infinity); the conversion is wrong, nothing was written")
             theirs = verify.reference_embeddings(reference, texts, prompt_name)
             stats = verify.cosine_stats(ours, theirs, emb.mrl_dims)
             result[prompt_name] = stats
-            worst = min(worst, stats[str(emb.output_dim)]["min"])
+            mins.append(stats[str(emb.output_dim)]["min"])
             if shared is not None:  # the one-file int8 export must give the same vectors
                 diff = float(np.abs(shared.encode(texts, prompt_name=prompt_name) - ours).max())
                 result["shared_file_max_abs_diff"] = max(
                     diff, result.get("shared_file_max_abs_diff", 0.0))
-                if diff > 1e-4:
+                if not diff <= 1e-4:  # written so that NaN fails
                     raise VerificationError(
                         f"{precision}: the one-file int8 graph differs from the per-bucket "
                         f"graphs by {diff:.2e}; nothing was written")
-    result["min_cosine"] = worst
-    if worst < min_cosine:
+    # np.min keeps a NaN (Python's min(1.0, nan) is 1.0) and the test below fails on it
+    result["min_cosine"] = worst = float(np.min(mins))
+    if not worst >= min_cosine:
         raise VerificationError(
             f"{precision} TFLite export disagrees with sentence-transformers: min cosine {worst:.6f} "
             f"< {min_cosine} over {len(texts)} texts ({result}). The conversion is wrong; "

@@ -58,8 +58,8 @@ def check_float(core: EncoderCore, scales: Sequence[LayerScales],
         ours = host_forward(core, scales, run, *args)[0]
         live = args[2][0].sum(-1) > 0
         cos = nn.functional.cosine_similarity(reference[live], ours[live], dim=-1)
-        worst = min(worst, float(cos.min()))
-    if worst < FLOAT_EQUALITY:
+        worst = float(np.minimum(worst, float(cos.min())))  # np.minimum keeps a NaN
+    if not worst >= FLOAT_EQUALITY:  # written so that NaN fails
         raise QuantizationError(f"segmented rewrite differs from the float encoder "
                                 f"(cosine {worst:.6f} < {FLOAT_EQUALITY})")
     return worst

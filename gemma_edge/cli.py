@@ -32,7 +32,13 @@ def _add_export(sub: Any) -> None:
     p = sub.add_parser("export", help="checkpoint -> verified TFLite artifacts directory")
     p.add_argument("--checkpoint", required=True,
                    help="local sentence-transformers directory, or a hub id when online")
-    p.add_argument("--out", required=True, type=Path, help="artifacts directory to write")
+    p.add_argument("--out", required=True, type=Path,
+                   help="artifacts folder to write; an existing one is replaced only when it "
+                        "is empty or an earlier export (holds its manifest.json)")
+    p.add_argument("--force", action="store_true",
+                   help="replace --out even when it is a non-empty folder of other files, "
+                        "deleting them; never a file, the checkpoint's folder, the current "
+                        "or the home directory")
     p.add_argument("--seq-len", type=int_list, default=None,
                    help="bucket lengths in tokens (default 16,24,32,64,128,256,512)")
     p.add_argument("--pool-slots", type=int, default=None,
@@ -61,15 +67,16 @@ def _run_export(args: argparse.Namespace) -> int:
 
     options = ExportOptions(quantize=not args.no_quantize, evaluate=not args.no_eval,
                             edgetpu=not args.no_edgetpu)
-    if args.seq_len:
+    # `is not None`: an empty list or 0 is a value to refuse (validate), not "the default"
+    if args.seq_len is not None:
         options.buckets = args.seq_len
-    if args.edgetpu_seq_len:
+    if args.edgetpu_seq_len is not None:
         options.edgetpu_buckets = args.edgetpu_seq_len
-    if args.pool_slots:
+    if args.pool_slots is not None:
         options.pool_slots = args.pool_slots
     options.edgetpu_mlp_split = args.edgetpu_mlp_split
     options.edgetpu_softmax_split = args.edgetpu_softmax_split
-    manifest = run_export(args.checkpoint, args.out, options)
+    manifest = run_export(args.checkpoint, args.out, options, force=args.force)
     ver = manifest.get("verification", {})
     print(f"wrote {args.out} in {manifest['export_seconds']} s")
     for role, stats in ver.items():

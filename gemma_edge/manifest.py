@@ -9,16 +9,19 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Iterator, Optional, Sequence
 
-from .errors import ArtifactError
+from .errors import ArtifactError, InputError
 
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
+log = logging.getLogger("gemma_edge.manifest")
 GRAPH_ROLES = ("float", "int8", "int8-shared", "edgetpu", "edgetpu-compiled")
 
 
@@ -78,22 +81,141 @@ def atomic_write_json(path: Path, obj: Any) -> None:
     atomic_write_bytes(path, (json.dumps(obj, indent=2, ensure_ascii=False) + "\n").encode())
 
 
+# The export's staging and swap-out folders beside ``--out``: ``.NAME.staging-PID-XXXXXXXX``
+# (mkdtemp's 8 random characters) and ``.NAME.old-PID``; the PID names the owner, so the
+# next export removes only what dead exports left behind (SIGKILL, power loss).
+_STAGING = r"\.{name}\.staging-(?P<pid>\d+)-[a-z0-9_]{{8}}"
+_LEGACY_STAGING = r"\.{name}\.staging-[a-z0-9_]{{8}}"  # before the names held a PID
+_OLD = r"\.{name}\.old-(?P<pid>\d+)"
+
+
+def is_artifacts_folder(folder: Path) -> bool:
+    """Does ``folder`` hold a manifest.json written by `gemma-edge export`?"""
+    try:
+        manifest = json.loads((Path(folder) / MANIFEST_NAME).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return (isinstance(manifest, dict) and "format_version" in manifest
+            and "gemma_edge_version" in manifest)
+
+
+def _holds(folder: Path, path: Path) -> bool:
+    return path == folder or folder in path.parents
+
+
+def check_output_folder(final: Path, force: bool = False, protect: Sequence[Path] = ()) -> Path:
+    """Refuse an output path whose replacement would lose what the project did not make.
+
+    An export replaces ``final`` as a whole, so it may only be missing, an empty folder or
+    an earlier export (its manifest.json); ``force`` allows any other folder, but never a
+    file nor a folder holding a ``protect`` path (the checkpoint being read), the current
+    directory or the home directory. Returns ``final`` resolved.
+    """
+    given = Path(final)
+    final = given.expanduser().resolve()
+    if final.is_file() or (final.exists() and not final.is_dir()):
+        raise InputError(f"{given}: is a file, not a folder; the export writes a folder of "
+                         "files there. Pass a new or empty folder (--force never replaces a file)")
+    guarded = [(Path(p).expanduser().resolve(), "the checkpoint being exported") for p in protect]
+    guarded += [(Path.cwd().resolve(), "the current directory"),
+                (Path.home().resolve(), "your home directory")]
+    for path, what in guarded:
+        if _holds(final, path):
+            raise InputError(f"{given}: holds {what} ({path}); refusing to replace it, even with "
+                             "--force. Pass a new or empty folder for the artifacts")
+    parent = next((p for p in final.parents if p.exists()), None)
+    if parent is not None and not parent.is_dir():
+        raise InputError(f"{given}: {parent} is a file, not a folder; pass another --out")
+    if not final.is_dir() or force or is_artifacts_folder(final):
+        return final
+    with contextlib.suppress(OSError):  # unreadable: not provably empty, refused below
+        if next(final.iterdir(), None) is None:
+            return final
+    raise InputError(f"{given}: exists and is not a gemma-edge artifacts folder (no manifest.json "
+                     "from `gemma-edge export`); the export would replace it and delete its "
+                     "contents. Pass a new or empty folder, or add --force to replace this one")
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid <= 0:
+        return True  # not a process id we wrote: treat as alive, never remove
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # PermissionError: another user's live process; anything else: unsure
+        return True
+    return True
+
+
+def clean_stale_staging(final: Path) -> list[Path]:
+    """Remove staging folders beside ``final`` left by exports that are no longer running.
+
+    Only entries whose names follow this module's pattern for ``final`` and whose owner
+    PID is dead are removed, and only real folders (never a symlink's target). Swapped-out
+    old folders (``.NAME.old-PID``) are removed only when they are artifacts folders;
+    anything else of ours that cannot be proven stale (names without a PID from older
+    versions, files) is reported in the log and kept. Returns the removed paths.
+    """
+    final = Path(final)
+    if not final.parent.is_dir():
+        return []
+    name = re.escape(final.name)
+    staging, legacy, old = (re.compile(p.format(name=name)) for p in (_STAGING, _LEGACY_STAGING, _OLD))
+    removed = []
+    for entry in sorted(final.parent.iterdir()):
+        match = staging.fullmatch(entry.name) or old.fullmatch(entry.name)
+        if match is None:
+            if legacy.fullmatch(entry.name):
+                log.warning("%s: staging folder of an earlier export (no owner recorded); "
+                            "delete it if no export to %s is running", entry, final)
+            continue
+        if _pid_alive(int(match["pid"])):
+            continue
+        ours = entry.is_dir() and not entry.is_symlink() and (
+            match.re is staging or is_artifacts_folder(entry))
+        if not ours:
+            log.warning("%s: left by an export that is no longer running, but not a folder "
+                        "it made; kept, delete it yourself if it is not needed", entry)
+            continue
+        shutil.rmtree(entry)
+        log.info("removed %s (left by an export that is no longer running, pid %s)",
+                 entry, match["pid"])
+        removed.append(entry)
+    return removed
+
+
 @contextlib.contextmanager
-def staged_directory(final: Path) -> Iterator[Path]:
+def staged_directory(final: Path, force: bool = False, protect: Sequence[Path] = ()
+                     ) -> Iterator[Path]:
     """Yield a temp folder beside ``final``; on success it replaces ``final``, on error it goes.
 
     Export takes minutes and can fail at verification: an artifacts directory is
-    either complete or absent, never half-written.
+    either complete or absent, never half-written. ``final`` must pass
+    ``check_output_folder`` (``force``, ``protect``) before and again at the swap, so
+    a folder filled meanwhile is kept (and so is the finished export, named in the error).
     """
-    final = Path(final).resolve()
-    final.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{final.name}.staging-", dir=final.parent))
+    final = check_output_folder(final, force, protect)
+    try:
+        final.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise InputError(f"{final.parent}: cannot create the folder ({exc.strerror}); "
+                         "pass another --out") from exc
+    clean_stale_staging(final)
+    staging = Path(tempfile.mkdtemp(prefix=f".{final.name}.staging-{os.getpid()}-",
+                                    dir=final.parent))
     os.chmod(staging, 0o777 & ~_umask())
     try:
         yield staging
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+    try:
+        check_output_folder(final, force, protect)
+    except InputError as exc:
+        raise InputError(f"{final} changed during the export ({exc}); the finished export is "
+                         f"in {staging}: move it where you want it (the next export to {final} "
+                         "removes it)") from exc
     old = None
     if final.exists():
         old = final.parent / f".{final.name}.old-{os.getpid()}"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 
 import pytest
@@ -83,3 +84,45 @@ def test_hub_id_offline_explains_local_dir(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(HubUnreachableError, match="local directory"):
         load_checkpoint("google/embeddinggemma-300m")
+
+
+def _poison(path, value, name=None):
+    """Rewrite one tensor of a safetensors file with ``value`` at one element."""
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(str(path))
+    name = next(k for k in sorted(tensors) if k.endswith(name)) if name else sorted(tensors)[
+        len(tensors) // 2]
+    tensors[name].view(-1)[3] = value
+    save_file(tensors, str(path))
+    return name
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_non_finite_encoder_weights_are_refused(copy, value):
+    weights = copy / "model.safetensors"
+    name = _poison(weights, value)
+    ck = load_checkpoint(copy)
+    with pytest.raises(CheckpointError, match=re.escape(f"{weights}: tensor '{name}' holds 1 non-finite")):
+        ck.state_dict()
+
+
+def test_non_finite_dense_weights_are_refused(copy):
+    weights = copy / "3_Dense" / "model.safetensors"
+    _poison(weights, float("-inf"), "linear.weight")
+    with pytest.raises(CheckpointError, match=re.escape(
+            f"{weights}: tensor 'linear.weight' holds 1 non-finite")):
+        load_checkpoint(copy)
+
+
+def test_nan_checkpoint_export_fails_before_writing(copy, tmp_path, capsys):
+    from gemma_edge.cli import main
+
+    weights = copy / "model.safetensors"
+    _poison(weights, float("nan"), "embed_tokens.weight")
+    out = tmp_path / "art"
+    code = main(["export", "--checkpoint", str(copy), "--out", str(out), "--no-quantize",
+                 "--seq-len", "16", "--pool-slots", "2", "--no-eval"])
+    err = capsys.readouterr().err
+    assert code == 2 and "embed_tokens.weight" in err and "non-finite" in err
+    assert not out.exists()
