@@ -8,12 +8,19 @@ Vectors are stored twice, on purpose:
 - ``vectors``: float32 BLOBs, the source of truth, readable by any Python;
 - ``vec_chunks``: a sqlite-vec ``vec0`` table (cosine distance) used for k-NN when
   the ``sqlite_vec`` module loads. It is a derived index: when sqlite-vec is
-  missing the store falls back to an exact numpy scan of the BLOBs. That happens
-  when the package is absent, or when Python's sqlite3 was built without
-  loadable-extension support (no ``enable_load_extension``; common for pyenv
-  builds and possible for the Coral Dev Board's Python 3.7). Writes made without
-  sqlite-vec mark ``vec_chunks`` stale; the next index run with sqlite-vec
-  rebuilds it from the BLOBs.
+  missing the store falls back to an exact numpy scan of the BLOBs. Writes made
+  without sqlite-vec mark ``vec_chunks`` stale; the next index run with
+  sqlite-vec rebuilds it from the BLOBs.
+
+The file is opened through apsw when it is installed (the ``search`` extra), else
+Python's sqlite3. Why apsw: many Pythons' sqlite3 cannot load extensions at all
+(no ``enable_load_extension``: pyenv builds, this project's machines, possibly the
+Coral Dev Board's 3.7), so with sqlite3 alone sqlite-vec would never load; apsw
+ships its own SQLite with extension loading on. Both are autocommit here, so
+``transaction()`` owns BEGIN/COMMIT either way.
+
+A store another process is writing (an index run) is waited for up to
+``busy_timeout`` seconds, then reported as busy, never as a damaged file.
 
 The ``meta`` table ties an index to the export that built it (artifact_id, MRL
 dim): vectors of two models or dims are not comparable, so a mismatch is refused.
@@ -22,12 +29,12 @@ dim): vectors of two models or dims are not comparable, so a mismatch is refused
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import logging
-import sqlite3
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Iterator, Optional, Sequence
+from typing import Any, Iterator, Optional, Sequence, Union
 
 import numpy as np
 
@@ -41,6 +48,7 @@ STORE_FORMAT = 1
 DEFAULT_DB_NAME = ".gemma-edge-search.sqlite"
 SCAN_ROWS = 4096  # numpy scan batch: bounds memory on a 1 GB board
 VEC_MAX_K = 4096  # sqlite-vec's limit for k
+BUSY_TIMEOUT_S = 10.0  # how long to wait for another process's write to finish
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -89,7 +97,35 @@ class Hit:
         return out
 
 
-def load_sqlite_vec(conn: sqlite3.Connection) -> Optional[str]:
+def connect(path: Union[str, Path], busy_timeout: Optional[float] = None,
+            binding: Optional[str] = None) -> tuple[Any, tuple]:
+    """(connection, its error classes): apsw when installed, else sqlite3; autocommit,
+    waiting up to ``busy_timeout`` s (default BUSY_TIMEOUT_S) for other writers.
+    ``binding`` ("apsw" or "sqlite3") forces one."""
+    busy_timeout = BUSY_TIMEOUT_S if busy_timeout is None else float(busy_timeout)
+    if binding in (None, "apsw"):
+        try:
+            import apsw
+        except ImportError:
+            if binding == "apsw":
+                raise InputError("apsw is not installed: pip install apsw") from None
+        else:
+            conn = apsw.Connection(str(path))
+            set_timeout = getattr(conn, "set_busy_timeout", None) or conn.setbusytimeout
+            set_timeout(int(busy_timeout * 1000))
+            return conn, (apsw.Error,)
+    import sqlite3
+
+    conn = sqlite3.connect(str(path), isolation_level=None, timeout=busy_timeout)
+    return conn, (sqlite3.Error,)
+
+
+def is_busy(exc: BaseException) -> bool:
+    """SQLITE_BUSY/LOCKED from either binding: another connection holds the lock."""
+    return "locked" in str(exc).lower() or type(exc).__name__ in ("BusyError", "LockedError")
+
+
+def load_sqlite_vec(conn: Any) -> Optional[str]:
     """Load sqlite-vec into ``conn``; its version, or None (with the reason logged)."""
     try:
         import sqlite_vec
@@ -97,7 +133,8 @@ def load_sqlite_vec(conn: sqlite3.Connection) -> Optional[str]:
         log.debug("sqlite-vec not installed: exact numpy scan")
         return None
     if not hasattr(conn, "enable_load_extension"):
-        log.debug("this Python's sqlite3 cannot load extensions: exact numpy scan")
+        log.debug("this Python's sqlite3 cannot load extensions (pip install apsw): "
+                  "exact numpy scan")
         return None
     try:
         conn.enable_load_extension(True)
@@ -106,38 +143,62 @@ def load_sqlite_vec(conn: sqlite3.Connection) -> Optional[str]:
         finally:
             conn.enable_load_extension(False)
         return str(conn.execute("SELECT vec_version()").fetchone()[0])
-    except (sqlite3.Error, OSError, AttributeError) as exc:
+    except Exception as exc:  # noqa: BLE001 - any failure here means: use the numpy scan
         log.debug("sqlite-vec failed to load (%s): exact numpy scan", exc)
         return None
+
+
+def sqlite_vec_available() -> Optional[str]:
+    """sqlite-vec's version if a store opened here would use it, else None."""
+    conn, _ = connect(":memory:")
+    try:
+        return load_sqlite_vec(conn)
+    finally:
+        conn.close()
 
 
 class VectorStore:
     """An open index file. ``use_vec``: None = sqlite-vec when it loads, False = never,
     True = required (raises when it cannot load)."""
 
-    def __init__(self, path: Path, use_vec: Optional[bool] = None):
+    def __init__(self, path: Path, use_vec: Optional[bool] = None,
+                 busy_timeout: Optional[float] = None, binding: Optional[str] = None):
         self.path = Path(path)
-        self.conn = sqlite3.connect(str(self.path), isolation_level=None)
-        self.conn.execute("PRAGMA foreign_keys = ON")
-        self.vec_version = load_sqlite_vec(self.conn) if use_vec is not False else None
-        if use_vec and self.vec_version is None:
-            self.conn.close()
-            raise InputError("sqlite-vec was requested but cannot be loaded here: "
-                             "pip install sqlite-vec, and use a Python whose sqlite3 "
-                             "supports loadable extensions")
+        self.conn, self._errors = connect(self.path, busy_timeout, binding)
         try:
-            tables = {r[0] for r in self.conn.execute(
-                "SELECT name FROM sqlite_master WHERE type IN ('table', 'view')")}
-        except sqlite3.DatabaseError as exc:
+            with self._busy_guard():
+                self.conn.execute("PRAGMA foreign_keys = ON")
+                tables = {r[0] for r in self.conn.execute(
+                    "SELECT name FROM sqlite_master WHERE type IN ('table', 'view')")}
+        except self._errors as exc:
             self.conn.close()
             raise InputError(f"{self.path}: not an SQLite file ({exc}); pass another --db "
                              "or delete it") from exc
+        except BaseException:
+            self.conn.close()
+            raise
         if tables and "meta" not in tables:
             self.conn.close()
             raise InputError(f"{self.path}: an SQLite file but not a gemma-edge search index; "
                              "pass another --db")
+        self.vec_version = load_sqlite_vec(self.conn) if use_vec is not False else None
+        if use_vec and self.vec_version is None:
+            self.conn.close()
+            raise InputError("sqlite-vec was requested but cannot be loaded here: "
+                             "pip install apsw sqlite-vec")
         self._has_vec_table = "vec_chunks" in tables
         self.meta = self._read_meta()
+
+    @contextlib.contextmanager
+    def _busy_guard(self) -> Iterator[None]:
+        """A lock held past busy_timeout: "busy, try again", not a damaged file."""
+        try:
+            yield
+        except self._errors as exc:
+            if not is_busy(exc):
+                raise
+            raise InputError(f"{self.path}: busy, another process (an index run?) is writing "
+                             "this index; try again when it has finished") from exc
 
     # -- lifecycle ---------------------------------------------------------------------
     def close(self) -> None:
@@ -154,8 +215,8 @@ class VectorStore:
         """All or nothing: on any exception (Ctrl-C included) the index is as before."""
         try:
             self.conn.execute("BEGIN IMMEDIATE")
-        except sqlite3.OperationalError as exc:
-            if "locked" not in str(exc):
+        except self._errors as exc:
+            if not is_busy(exc):
                 raise
             raise InputError(f"{self.path}: another process is updating this index; run "
                              "again when it has finished") from exc
@@ -180,10 +241,17 @@ class VectorStore:
                 and self.meta.get("vec_synced") == "1")
 
     def _read_meta(self) -> dict[str, str]:
-        try:
+        with self._busy_guard():
+            if self.conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' "
+                                 "AND name = 'meta'").fetchone() is None:
+                return {}  # a new, still empty file
             return {k: v for k, v in self.conn.execute("SELECT key, value FROM meta")}
-        except sqlite3.OperationalError:  # a new, still empty file
-            return {}
+
+    def _insert(self, sql: str, params: Sequence[Any]) -> int:
+        """Run an INSERT; the new rowid (sqlite3 cursors carry it, apsw connections)."""
+        cursor = self.conn.execute(sql, params)
+        rowid = getattr(cursor, "lastrowid", None)
+        return int(rowid if rowid is not None else self.conn.last_insert_rowid())
 
     def set_meta(self, **values: Any) -> None:
         for key, value in values.items():
@@ -282,9 +350,9 @@ class VectorStore:
                              f"of dim {self.dim}")
         row = self.conn.execute("SELECT id FROM files WHERE path = ?", (path,)).fetchone()
         if row is None:
-            file_id = self.conn.execute(
+            file_id = self._insert(
                 "INSERT INTO files(path, mtime_ns, size, sha256) VALUES (?, ?, ?, ?)",
-                (path, state.mtime_ns, state.size, state.sha256)).lastrowid
+                (path, state.mtime_ns, state.size, state.sha256))
         else:
             file_id = row[0]
             self._delete_chunks(file_id)
@@ -292,10 +360,10 @@ class VectorStore:
                               (state.mtime_ns, state.size, state.sha256, file_id))
         with_vec = self._vec_write()
         for chunk, vector in zip(chunks, vectors):
-            chunk_id = self.conn.execute(
+            chunk_id = self._insert(
                 "INSERT INTO chunks(file_id, start_line, end_line, title, text) "
                 "VALUES (?, ?, ?, ?, ?)",
-                (file_id, chunk.start_line, chunk.end_line, chunk.title, chunk.text)).lastrowid
+                (file_id, chunk.start_line, chunk.end_line, chunk.title, chunk.text))
             blob = vector.tobytes()
             self.conn.execute("INSERT INTO vectors(chunk_id, embedding) VALUES (?, ?)",
                               (chunk_id, blob))
@@ -311,15 +379,16 @@ class VectorStore:
             raise InputError(f"query vector has {vector.shape[0]} dims, the index {self.dim}")
         if k < 1:
             raise InputError(f"k={k}: ask for at least one result")
-        pairs = self._knn_vec(vector, k) if self.uses_vec else self._knn_numpy(vector, k)
-        if not pairs:
-            return []
-        marks = ",".join("?" * len(pairs))
-        rows = self.conn.execute(
-            "SELECT c.id, f.path, c.start_line, c.end_line, c.title, c.text FROM chunks c "
-            f"JOIN files f ON f.id = c.file_id WHERE c.id IN ({marks})",
-            [p[0] for p in pairs])
-        by_id = {r[0]: r[1:] for r in rows}
+        with self._busy_guard():
+            pairs = self._knn_vec(vector, k) if self.uses_vec else self._knn_numpy(vector, k)
+            if not pairs:
+                return []
+            marks = ",".join("?" * len(pairs))
+            rows = self.conn.execute(
+                "SELECT c.id, f.path, c.start_line, c.end_line, c.title, c.text FROM chunks c "
+                f"JOIN files f ON f.id = c.file_id WHERE c.id IN ({marks})",
+                [p[0] for p in pairs])
+            by_id = {r[0]: r[1:] for r in rows}
         hits = [Hit(by_id[i][0], by_id[i][1], by_id[i][2], by_id[i][3], score, by_id[i][4])
                 for i, score in pairs if i in by_id]
         return sorted(hits, key=lambda h: -h.score)
@@ -337,7 +406,7 @@ class VectorStore:
         cursor = self.conn.execute("SELECT chunk_id, embedding FROM vectors")
         width = self.dim * 4
         while True:
-            rows = cursor.fetchmany(SCAN_ROWS)
+            rows = list(itertools.islice(cursor, SCAN_ROWS))
             if not rows:
                 break
             if any(len(r[1]) != width for r in rows):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -218,8 +219,8 @@ def test_non_index_files_are_refused(tmp_path: Path) -> None:
         open_for_query(tmp_path / "missing.sqlite", FakeEmbedder())
 
 
-VEC_CHECK = ("import sqlite3, sqlite_vec; c = sqlite3.connect(':memory:'); "
-             "c.enable_load_extension(True); sqlite_vec.load(c)")
+VEC_CHECK = ("from gemma_edge.device.store import sqlite_vec_available; "
+             "assert sqlite_vec_available()")
 VEC_SCRIPT = """
 import json, sys
 import numpy as np
@@ -237,8 +238,9 @@ with VectorStore(db, use_vec=True) as store:
 def vec_python() -> Optional[list[str]]:
     """A command running Python with sqlite-vec loadable and this venv's packages, or None.
 
-    This venv's own interpreter may lack loadable-extension support (pyenv builds);
-    a system Python of the same version can borrow the venv's site-packages.
+    With apsw installed (the search extra) this venv's own interpreter loads it; without,
+    its sqlite3 may lack loadable-extension support (pyenv builds) and a system Python
+    of the same version can borrow the venv's site-packages.
     """
     sites = [p for p in sys.path if p.endswith("site-packages")]
     prelude = (f"import site, sys; assert sys.version_info[:2] == {tuple(sys.version_info[:2])}; "
@@ -332,3 +334,69 @@ def test_cli_end_to_end_with_tiny_model(tiny_artifacts: Path, corpus: Path, caps
     stored = np.frombuffer(blob, dtype="<f4")
     fresh = embedder.encode_document([text], dim=128, title=title)[0]
     assert np.allclose(stored, fresh, atol=1e-5)
+
+
+def test_sqlite_vec_is_what_users_get_with_the_search_extra(corpus: Path) -> None:
+    """With apsw and sqlite-vec installed, a plain index run searches by sqlite-vec; the
+    stdlib sqlite3 binding (no extension loading here) falls back to the numpy scan and
+    finds the same chunks."""
+    pytest.importorskip("apsw")
+    pytest.importorskip("sqlite_vec")
+    from gemma_edge.device.store import sqlite_vec_available
+
+    assert sqlite_vec_available(), "apsw and sqlite-vec are installed but sqlite-vec did not load"
+    embedder = FakeEmbedder()
+    build(corpus, embedder)
+    db = corpus / DEFAULT_DB_NAME
+    query = embedder.encode_query("flash mendel linux board")[0]
+    with open_for_query(db, embedder) as store:
+        assert store.uses_vec and type(store.conn).__module__.startswith("apsw")
+        by_vec = [(h.path, h.start_line, round(h.score, 5)) for h in store.query(query, 3)]
+    with VectorStore(db, binding="sqlite3") as store:
+        loads = hasattr(store.conn, "enable_load_extension")
+        assert store.uses_vec == loads
+        by_scan = [(h.path, h.start_line, round(h.score, 5)) for h in store.query(query, 3)]
+    assert by_vec == by_scan and by_vec[0][0] == "docs/install.md"
+
+
+LOCKER = """
+import sqlite3, sys, time
+conn = sqlite3.connect(sys.argv[1], isolation_level=None)
+conn.execute("BEGIN EXCLUSIVE")
+print("locked", flush=True)
+time.sleep(float(sys.argv[2]))
+conn.execute("ROLLBACK")
+"""
+
+
+@contextlib.contextmanager
+def locked(db: Path, seconds: float):
+    """Another process holds an exclusive lock on ``db`` (as an index run's commit does)."""
+    proc = subprocess.Popen([sys.executable, "-c", LOCKER, str(db), str(seconds)],
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None and proc.stdout.readline().strip() == "locked"
+        yield proc
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_a_locked_index_is_busy_not_damaged(corpus: Path, fake_cli: FakeEmbedder, capsys,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    build(corpus, fake_cli)
+    db = corpus / DEFAULT_DB_NAME
+    monkeypatch.setattr("gemma_edge.device.store.BUSY_TIMEOUT_S", 0.3)
+    with locked(db, 60):
+        with pytest.raises(InputError, match="busy") as caught:
+            open_for_query(db, fake_cli)
+        assert "delete" not in str(caught.value) and "not an SQLite" not in str(caught.value)
+        assert main(["search", "query", "mendel board", "--artifacts", "x", "--db", str(db)]) == 2
+        err = capsys.readouterr().err
+        assert "busy" in err and "try again" in err and "delete" not in err
+        with pytest.raises(InputError, match="another process"):
+            build(corpus, FakeEmbedder())
+    with locked(db, 1.0):  # released within the wait: the query just waits, then answers
+        with VectorStore(db, busy_timeout=30) as store:
+            hits = store.query(fake_cli.encode_query("flash mendel linux board")[0], k=1)
+    assert hits[0].path == "docs/install.md"
