@@ -192,7 +192,8 @@ def _optional_subcommands() -> list[Callable[[Any], None]]:
     for module in ("gemma_edge.export.evaluate", "gemma_edge.export.calibration",
                    "gemma_edge.export.coral_cli", "gemma_edge.export.segment_study",
                    "gemma_edge.compile.cli",
-                   "gemma_edge.device.bench", "gemma_edge.device.apps"):
+                   "gemma_edge.device.bench", "gemma_edge.device.apps",
+                   "gemma_edge.device.serve_cli"):
         try:
             found.append(importlib.import_module(module).register)
         except ModuleNotFoundError as exc:
