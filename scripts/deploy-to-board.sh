@@ -122,3 +122,4 @@ fi
 count=$(printf '%s\n' "$local_sizes" | grep -c .)
 note "verified: $count files, sizes match on the board"
 note "on the board: scripts/run-on-board.sh $DEST"
+note "to serve it at boot (OpenAI-compatible /v1/embeddings): scripts/install-serve-service.sh $DEST on the board"
