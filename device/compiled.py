@@ -19,6 +19,8 @@ Interpreter path (``runtime.GraphRunner``). Imported lazily, like every runtime.
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import logging
 import os
 from pathlib import Path
@@ -27,8 +29,10 @@ from typing import Any, Optional
 import numpy as np
 
 from gemma_edge.errors import ArtifactError
+from gemma_edge.manifest import atomic_write_json, sha256_file
 
-from .runtime import match_inputs, release_file_pages
+from .runtime import first_line, match_inputs, release_file_pages
+from .verify import read_record, stat_stamp
 
 log = logging.getLogger("gemma_edge.device")
 
@@ -75,11 +79,20 @@ def writable_dir(path: Path) -> bool:
 class CompiledGraphs:
     """Opens float-I/O graph files as CompiledModels, each with its weight cache file.
 
-    The cache file is named by the graph file's SHA-256 (from the manifest) and the
-    runtime version: XNNPACK checks its own format but not which model a cache was
-    packed from, so a name per graph content is what keeps a stale cache from being
-    used. A new cache is packed into a temporary name and renamed when complete, so an
-    interrupted first open leaves no half-written cache under the final name.
+    The cache file is named by the graph file's own verified SHA-256 and the runtime
+    version: XNNPACK checks its own format but not which model a cache was packed from,
+    so a name per verified graph content keeps a cache packed from other (or corrupted)
+    weights from being used. A graph whose hash is unknown (``--no-verify`` and no
+    remembered hash) gets a name of its own (the manifest's hash and the file's stat,
+    marked "unverified") that a verified open never uses. A new cache is packed into a
+    temporary name and renamed when complete, so an interrupted first open leaves no
+    half-written cache under the final name.
+
+    XNNPACK does not notice flipped bytes in a cache's payload (wrong vectors on every
+    later run), so right after packing the cache's SHA-256, size and stat go into a
+    record beside it (``NAME.json``); before each use the cache must match its record
+    (stat equal, else hashed again). A cache that fails, or has no record, is deleted
+    (it is this project's file) and packed again, never used.
     """
 
     def __init__(self, api: dict[str, Any], cache_dir: Path, num_threads: int):
@@ -92,8 +105,66 @@ class CompiledGraphs:
     def cache_path(self, sha256: str) -> Path:
         return self.cache_dir / f"{sha256[:32]}-litert{self.api['version']}.xnnpack"
 
-    def open(self, graph_file: Path, sha256: str) -> Any:
-        final = self.cache_path(sha256)
+    def unverified_cache_path(self, graph_file: Path, claimed_sha256: str) -> Path:
+        """The cache of a graph whose content was not verified: named by the manifest's hash
+        and the file's stat, so a changed file packs a new cache."""
+        stamp = ":".join(str(v) for v in stat_stamp(os.stat(graph_file)))
+        tag = hashlib.sha256(stamp.encode()).hexdigest()[:16]
+        return self.cache_dir / (f"{claimed_sha256[:16]}-unverified-{tag}"
+                                 f"-litert{self.api['version']}.xnnpack")
+
+    @staticmethod
+    def record_path(cache: Path) -> Path:
+        return cache.with_name(cache.name + ".json")
+
+    def intact(self, cache: Path) -> bool:
+        """Does ``cache`` match the record written when it was packed (hashed when its stat
+        changed)?"""
+        record = read_record(self.record_path(cache))
+        try:
+            st = os.stat(cache)
+        except OSError:
+            return False
+        if not record.get("sha256") or record.get("bytes") != st.st_size:
+            return False
+        if record.get("stamp") == stat_stamp(st):
+            return True
+        try:
+            if sha256_file(cache) != record["sha256"]:
+                return False
+        except OSError:
+            return False
+        self._record(cache, record["sha256"])  # same bytes, new stat (copied, touched)
+        return True
+
+    def _record(self, cache: Path, digest: Optional[str] = None) -> None:
+        st = os.stat(cache)
+        digest = digest or sha256_file(cache)
+        if stat_stamp(os.stat(cache)) != stat_stamp(st):
+            return  # changed while hashed (another process repacked it): no record, no use
+        atomic_write_json(self.record_path(cache), {"sha256": digest, "bytes": st.st_size,
+                                                    "stamp": stat_stamp(st)})
+
+    def _discard(self, cache: Path, why: str) -> None:
+        log.warning("gemma-edge: weight cache %s %s; deleted, packing it again", cache.name, why)
+        for path in (cache, self.record_path(cache)):
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+
+    def open(self, graph_file: Path, sha256: Optional[str], claimed_sha256: str = "") -> Any:
+        """``graph_file`` as a CompiledModel; ``sha256`` its verified hash, or None when
+        unknown (then ``claimed_sha256``, the manifest's, names an unverified cache)."""
+        final = (self.cache_path(sha256) if sha256
+                 else self.unverified_cache_path(graph_file, claimed_sha256))
+        if final.exists() and not self.intact(final):
+            self._discard(final, "does not match the record written when it was packed"
+                          if self.record_path(final).exists() else "has no integrity record")
+        if not sha256:  # unverified caches of older stats of this graph are stale
+            for stale in self.cache_dir.glob(f"{claimed_sha256[:16]}-unverified-*.xnnpack"):
+                if stale != final:
+                    for path in (stale, self.record_path(stale)):
+                        with contextlib.suppress(FileNotFoundError):
+                            path.unlink()
         building = not final.exists()
         target = final.with_name(f"{final.name}.{os.getpid()}.tmp") if building else final
         api = self.api
@@ -106,12 +177,17 @@ class CompiledGraphs:
             if building and target.exists():
                 target.unlink()
             raise ArtifactError(f"{graph_file}: the LiteRT runtime cannot load it "
-                                f"({str(exc).strip()}); re-export or check the file") from exc
+                                f"({first_line(exc)}); re-export or check the file") from exc
         # The open read the flatbuffer's tables; their pages are faulted back in if needed.
         release_file_pages(graph_file)
         if building:
             if target.exists():
                 os.replace(target, final)  # the open mapping follows the inode
+                try:
+                    self._record(final)
+                except OSError as exc:  # no record: the next open packs again, never trusts it
+                    log.warning("gemma-edge: cannot record the integrity of %s (%s)",
+                                final, exc.strerror)
                 log.info("gemma-edge: packed %s's weights into %s", graph_file.name, final)
             else:
                 log.warning("gemma-edge: XNNPACK wrote no weight cache for %s", graph_file.name)

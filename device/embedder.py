@@ -9,6 +9,7 @@ layers and the L2 norm.
 from __future__ import annotations
 
 import logging
+import numbers
 import time
 from collections import Counter
 from pathlib import Path
@@ -21,9 +22,10 @@ from gemma_edge.manifest import artifact_id, find_graph, graphs_for_role, load_m
 
 from .compiled import CompiledGraphRunner, CompiledGraphs, compiled_model_api, default_cache_dir, writable_dir
 from .packing import bucket_inputs, pack_greedy
-from .runtime import GraphRunner, default_threads, interpreter_api
+from .runtime import GraphRunner, default_threads, first_line, interpreter_api
 from .table import EmbeddingTable
 from .tokenizer import TextTokenizer
+from .verify import FileVerifier
 
 log = logging.getLogger("gemma_edge.device")
 
@@ -59,19 +61,28 @@ class Embedder:
     or ``~/.cache/gemma-edge``, False disables it. The first open of a bucket packs
     its weights into a file there (~110 MB per int8 bucket, ~450 MB for the float
     graph); later opens map it, and memory peaks at one copy of the weights, not two.
+    verify_files: check each artifact file against the manifest's SHA-256 at its first
+    open (True, the default; see device/verify.py: hashed once, then remembered by its
+    stat in the cache folder, so later opens cost a stat()); False skips the hashing
+    (boards that must start fast; sizes are still checked).
     """
 
     def __init__(self, artifacts: Union[str, Path], backend: str = "auto",
                  precision: str = "auto", num_threads: Optional[int] = None,
                  device: Optional[str] = None, pack_tokens: Optional[int] = None,
-                 max_open_graphs: Optional[int] = None, verify_files: bool = False,
+                 max_open_graphs: Optional[int] = None, verify_files: bool = True,
                  weight_cache: Union[str, Path, bool, None] = None):
         if backend not in BACKENDS:
             raise InputError(f"backend {backend!r}: choose one of {', '.join(BACKENDS)}")
         if precision not in PRECISIONS:
             raise InputError(f"precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
+        num_threads = _int_option("num_threads", num_threads, 1, "None: the usable cores")
+        pack_tokens = _int_option("pack_tokens", pack_tokens, 0, "0: no packing")
+        self.max_open_graphs = _int_option("max_open_graphs", max_open_graphs, 1, "None: no limit")
         self.art_dir = Path(artifacts)
-        self.manifest = load_manifest(self.art_dir, verify_hashes=verify_files)
+        self.manifest = load_manifest(self.art_dir)
+        self.verifier = FileVerifier(self.art_dir, self.manifest["files"], verify_files,
+                                     _state_dir(weight_cache))
         if precision == "auto":
             has_int8 = any(graphs_for_role(self.manifest, r) for r in ("int8", "edgetpu-compiled"))
             precision = "int8" if has_int8 else "float"
@@ -81,11 +92,9 @@ class Embedder:
         self.mrl_dims = [int(d) for d in model["mrl_dims"]]
         self.prompts: dict[str, str] = dict(self.manifest.get("prompts", {}))
         self.precision = precision
-        if num_threads is not None and num_threads < 1:
-            raise InputError(f"num_threads {num_threads}: at least 1 (None: the usable cores)")
         self.num_threads = num_threads or default_threads()
         self.device = device
-        self.max_open_graphs = max_open_graphs
+        self.verifier.check(self.manifest["tokenizer"]["file"])
         self.tokenizer = TextTokenizer(self.art_dir, self.manifest["tokenizer"])
         self._runners: dict[int, GraphRunner] = {}
         self._runner_path: dict[int, str] = {}
@@ -106,11 +115,15 @@ class Embedder:
         segmented = any(g.get("layout") == "segments" for g in graphs)
         default_pack = self.buckets[0] if segmented else 256
         self.pack_tokens = min(self.max_tokens,
-                               default_pack if pack_tokens is None else int(pack_tokens))
+                               default_pack if pack_tokens is None else pack_tokens)
         self.carry_short = not segmented
         table_kind = "float" if self.graph_role == "float" else "int8"
         tables = self.manifest["embedding_tables"]
-        self.table = EmbeddingTable(self.art_dir, tables.get(table_kind) or tables["float"])
+        spec = tables.get(table_kind) or tables["float"]
+        for key in ("path", "scales"):
+            if spec.get(key):
+                self.verifier.check(spec[key])
+        self.table = EmbeddingTable(self.art_dir, spec)
 
     # -- backend selection -------------------------------------------------------------
     def _choose_backend(self, backend: str) -> tuple[str, str, str]:
@@ -182,6 +195,7 @@ class Embedder:
         path = graph["path"]
         if path in self._interpreters:
             return self._interpreters[path]
+        self.verifier.check(path)
         if (backend or self.backend) == "edgetpu":
             from .edgetpu import make_edgetpu_interpreter
 
@@ -196,7 +210,7 @@ class Embedder:
                 hint = (" It is compiled for the Edge TPU; run it with backend='edgetpu'."
                         if "edgetpu-custom-op" in str(exc) else "")
                 raise ArtifactError(f"{self.art_dir / path}: the TFLite runtime cannot load "
-                                    f"it ({str(exc).strip()}).{hint}") from exc
+                                    f"it ({first_line(exc)}).{hint}") from exc
         if cache:
             self._interpreters[path] = interp
         return interp
@@ -240,8 +254,10 @@ class Embedder:
         path = graph["path"]
         model = self._interpreters.get(path)
         if model is None:
-            sha = self.manifest["files"][path]["sha256"]
-            model = self._compiled.open(self.art_dir / path, sha)  # type: ignore[union-attr]
+            # the weight cache is named by the file's verified hash (None: not verified)
+            sha = self.verifier.check(path)
+            model = self._compiled.open(  # type: ignore[union-attr]
+                self.art_dir / path, sha, self.manifest["files"][path]["sha256"])
             self._interpreters[path] = model
         if signature is None:
             signature = next(iter(model.get_signature_list()))
@@ -256,6 +272,7 @@ class Embedder:
 
         key = f"{graph['path']}#{seq_len}"
         self._evict_for(key)
+        self.verifier.check(graph["path"])  # the host constants; each segment at its open
         def open_graph(path: Path) -> Any:  # the runner holds its segments: one LRU slot
             return self._open({"path": str(path.relative_to(self.art_dir))}, cache=False)
 
@@ -332,15 +349,31 @@ class Embedder:
                 start += lengths[i]
             mask, pool = bucket_inputs([lengths[i] for i in members], seq_len, self.slots)
             t1 = clock()
-            result = runner.run(rows, mask, pool)
-            out[members] = result[:len(members)]
+            result = runner.run(rows, mask, pool)[:len(members)]
+            self._check_finite(result, seq_len)
+            out[members] = result
             self.stage_seconds["lookup"] += t1 - t0
             self.stage_seconds["invoke"] += clock() - t1
         return out
 
+    def _check_finite(self, result: np.ndarray, seq_len: int) -> None:
+        """Never hand out a non-finite vector (artifacts of a NaN checkpoint gave all-NaN
+        vectors). ``isfinite(...).all()``, so NaN fails the check."""
+        finite = np.isfinite(result).all(axis=1)
+        if not finite.all():
+            graph = self._runner_path[seq_len].split("#")[0]  # segments: "host.npz#64"
+            raise ArtifactError(
+                f"{self.art_dir}: the {self.graph_role} graph {graph} "
+                f"(bucket {seq_len}) returned NaN or inf for {int((~finite).sum())} of "
+                f"{len(result)} texts; the artifacts are broken (e.g. exported from a checkpoint "
+                "with NaN weights): re-export from a healthy checkpoint")
+
     def _check_dim(self, dim: Optional[int]) -> int:
         if dim is None:
             return self.output_dim
+        if isinstance(dim, bool) or not isinstance(dim, numbers.Integral):
+            raise InputError(f"dim must be an int, got {type(dim).__name__} {dim!r}; the "
+                             f"Matryoshka dims of this model are {', '.join(map(str, self.mrl_dims))}")
         if dim not in self.mrl_dims:
             raise InputError(f"dim {dim} is not supported: Matryoshka dims of this model are "
                              f"{', '.join(map(str, self.mrl_dims))}")
@@ -416,10 +449,40 @@ def truncate_dim(vectors: np.ndarray, dim: int) -> np.ndarray:
 
 
 def _as_list(texts: Texts) -> list[str]:
+    """``texts`` as a list of valid Unicode strings, else an InputError naming the bad one."""
     if isinstance(texts, str):
         texts = [texts]
+    if texts is None or isinstance(texts, (bytes, bytearray)) or not hasattr(texts, "__iter__"):
+        raise InputError(f"texts must be a string or a sequence of strings, got "
+                         f"{type(texts).__name__}")
     texts = list(texts)
     bad = [i for i, t in enumerate(texts) if not isinstance(t, str)]
     if bad:
         raise InputError(f"texts must be strings; item {bad[0]} is {type(texts[bad[0]]).__name__}")
+    for i, text in enumerate(texts):
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as exc:  # the tokenizers raise a bare TypeError on these
+            raise InputError(f"text {i}: not valid Unicode (lone surrogate "
+                             f"{ascii(text[exc.start])} at character {exc.start}); fix or drop "
+                             "that text") from exc
     return texts
+
+
+def _int_option(name: str, value: Any, minimum: int, none_means: str) -> Optional[int]:
+    """An integer option of at least ``minimum`` (None passes), else a one-line InputError."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise InputError(f"{name} must be an int, got {type(value).__name__} {value!r} "
+                         f"({none_means})")
+    if value < minimum:
+        raise InputError(f"{name} {value}: at least {minimum} ({none_means})")
+    return int(value)
+
+
+def _state_dir(weight_cache: Union[str, Path, bool, None]) -> Optional[Path]:
+    """Where the verified-hash record goes: the weight cache's folder when one is given,
+    else the default cache folder; None when it cannot be created (then each start hashes)."""
+    folder = Path(weight_cache) if isinstance(weight_cache, (str, Path)) else default_cache_dir()
+    return folder if writable_dir(folder) else None

@@ -43,6 +43,13 @@ def interpreter_api() -> tuple[Any, Callable[..., Any], str]:
         "(Raspberry Pi, Coral Dev Board)")
 
 
+def first_line(exc: BaseException) -> str:
+    """The first line of a runtime's error: LiteRT appends multi-line native traces, and a
+    gemma-edge error is one line."""
+    lines = str(exc).strip().splitlines()
+    return lines[0].strip() if lines else type(exc).__name__
+
+
 MAX_DEFAULT_THREADS = 4
 
 

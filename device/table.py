@@ -104,6 +104,12 @@ class EmbeddingTable:
         rows = self.rows.read(unique)[inverse].astype(np.float32)
         if self.scales is not None:
             rows *= self.scales.read(unique)[inverse].astype(np.float32)[:, None]
+        finite = np.isfinite(rows).all(axis=1)  # written so that NaN fails it
+        if not finite.all():
+            bad = sorted({int(i) for i in index[~finite]})
+            raise ArtifactError(f"{self.rows.path}: the rows of token ids {bad[:5]} hold NaN or "
+                                "inf; the table is broken (e.g. exported from a checkpoint with "
+                                "NaN weights): re-export from a healthy checkpoint")
         return rows
 
 

@@ -15,6 +15,8 @@ from typing import Any, Sequence
 
 from gemma_edge.errors import ArtifactError
 
+from .runtime import first_line
+
 
 class TextTokenizer:
     def __init__(self, art_dir: Path, spec: dict[str, Any]):
@@ -40,6 +42,11 @@ class TextTokenizer:
             package = "sentencepiece" if self.kind == "sentencepiece" else "tokenizers"
             raise ArtifactError(f"tokenizer needs the {package!r} package: pip install "
                                 f"{package}") from exc
+        except ArtifactError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - both libraries raise bare Exception/RuntimeError
+            raise ArtifactError(f"{path}: cannot load the {self.kind} tokenizer ({first_line(exc)}); the "
+                                "file is damaged or incomplete, copy the artifacts again") from exc
 
     def _raw(self, texts: Sequence[str]) -> list[list[int]]:
         if self.kind == "sentencepiece":

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
@@ -111,6 +112,10 @@ def _add_runtime_args(p: argparse.ArgumentParser) -> None:
                    help="auto (default): int8 when the artifacts have it, else float")
     p.add_argument("--threads", type=int, default=None, help="CPU interpreter threads")
     p.add_argument("--device", default=None, help="Edge TPU device: ':0', 'usb', 'pci'")
+    p.add_argument("--no-verify", action="store_true",
+                   help="skip the SHA-256 check of each artifact file at its first open (hashed "
+                        "once, then remembered; boards that must start fast; sizes are still "
+                        "checked)")
 
 
 def read_texts(path: Path) -> list[str]:
@@ -128,6 +133,12 @@ def read_texts(path: Path) -> list[str]:
         for number, row in iter_jsonl(path, content.splitlines(), InputError):
             if not isinstance(row, dict) or not isinstance(row.get("text"), str):
                 raise InputError(f"{path}:{number}: expected an object with a string 'text'")
+            try:
+                row["text"].encode("utf-8")
+            except UnicodeEncodeError as exc:  # a JSON escape like "\ud800" decodes to one
+                raise InputError(f"{path}:{number}: 'text' is not valid Unicode (lone surrogate "
+                                 f"{ascii(row['text'][exc.start])} at character {exc.start}); "
+                                 "fix that line") from exc
             texts.append(row["text"])
         return texts
     return [line for line in content.splitlines() if line.strip()]
@@ -137,7 +148,8 @@ def make_embedder(args: argparse.Namespace) -> Any:
     from .device import Embedder
 
     return Embedder(args.artifacts, backend=args.backend, precision=args.precision,
-                    num_threads=args.threads, device=args.device)
+                    num_threads=args.threads, device=args.device,
+                    verify_files=not getattr(args, "no_verify", False))
 
 
 def _run_embed(args: argparse.Namespace) -> int:
@@ -148,8 +160,14 @@ def _run_embed(args: argparse.Namespace) -> int:
     texts = read_texts(args.input)
     if not texts:
         raise InputError(f"{args.input}: no texts")
+    if args.output.is_dir():
+        raise InputError(f"{args.output}: is a directory; --output takes a file path ending in .npy")
     if args.output.suffix != ".npy":
         raise InputError(f"{args.output}: the output must end in .npy")
+    parent = next((p for p in args.output.absolute().parents if p.exists()), None)
+    if parent is not None and not (parent.is_dir() and os.access(parent, os.W_OK | os.X_OK)):
+        raise InputError(f"{args.output}: cannot write there ({parent} is not a writable "
+                         "folder); pass another --output")
     emb = make_embedder(args)
     prompt_name = None if args.prompt == "none" else args.prompt
     from tqdm.auto import tqdm
@@ -162,7 +180,10 @@ def _run_embed(args: argparse.Namespace) -> int:
             chunks.append(emb.encode_document(batch, dim=args.dim))
         else:
             chunks.append(emb.encode(batch, prompt_name=prompt_name, dim=args.dim))
-    atomic_write_npy(args.output, np.concatenate(chunks))
+    try:
+        atomic_write_npy(args.output, np.concatenate(chunks))
+    except OSError as exc:
+        raise InputError(f"{args.output}: cannot write it ({exc.strerror or exc})") from exc
     print(f"wrote {args.output}: {len(texts)} x {chunks[0].shape[1]} float32 "
           f"({emb.backend}, {emb.graph_role})")
     return 0

@@ -229,11 +229,75 @@ def describe_files(root: Path, names: list[str]) -> dict[str, dict[str, Any]]:
     return {n: {"sha256": sha256_file(root / n), "bytes": (root / n).stat().st_size} for n in names}
 
 
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_ints(value: Any) -> bool:
+    return isinstance(value, list) and bool(value) and all(_is_int(v) for v in value)
+
+
+def _is_relative(value: Any) -> bool:
+    """A path inside the artifacts folder: relative, no '..' (a manifest cannot point outside)."""
+    return (isinstance(value, str) and bool(value) and not os.path.isabs(value)
+            and ".." not in Path(value).parts)
+
+
+INSIDE = "a path inside the artifacts folder"
+# What the device reads without further checks: (key, test, what it must be).
+_MODEL_KEYS = (("hidden_size", _is_int, "an int"), ("output_dim", _is_int, "an int"),
+               ("mrl_dims", _is_ints, "a non-empty list of ints"))
+_GRAPH_KEYS = (("role", lambda v: isinstance(v, str), "a string"),
+               ("path", _is_relative, INSIDE), ("pool_slots", _is_int, "an int"))
+_FILE_KEYS = (("sha256", lambda v: isinstance(v, str) and len(v) == 64, "a 64-digit hex string"),
+              ("bytes", _is_int, "an int"))
+
+
+def _require(path: Path, where: str, obj: Any, keys: Any) -> None:
+    for key, test, what in keys:
+        if not isinstance(obj, dict) or key not in obj:
+            raise ArtifactError(f"{path}: {where} has no {key!r} entry; the manifest is "
+                                "incomplete, re-export")
+        if not test(obj[key]):
+            raise ArtifactError(f"{path}: {where} {key!r} is {str(obj[key])[:40]!r}, not "
+                                f"{what}; the manifest is damaged, re-export")
+
+
+def check_manifest_shape(path: Path, manifest: dict[str, Any]) -> None:
+    """Every entry the device reads is there with the right type, else an ArtifactError
+    naming manifest.json and the missing or bad key (was an AttributeError or KeyError)."""
+    is_dict = (lambda v: isinstance(v, dict), "an object")
+    _require(path, "the manifest", manifest,
+             [(k, *is_dict) for k in ("model", "files", "tokenizer", "embedding_tables")]
+             + [("graphs", lambda v: isinstance(v, list), "a list"),
+                ("buckets", _is_ints, "a non-empty list of ints")])
+    _require(path, "'model'", manifest["model"], _MODEL_KEYS)
+    _require(path, "'tokenizer'", manifest["tokenizer"],
+             [("kind", lambda v: isinstance(v, str), "a string"),
+              ("file", _is_relative, INSIDE)])
+    tables = manifest["embedding_tables"]
+    _require(path, "'embedding_tables'", tables, [("float", *is_dict)])
+    for kind, table in tables.items():
+        _require(path, f"embedding table {kind!r}", table, [("path", _is_relative, INSIDE)])
+    for number, graph in enumerate(manifest["graphs"]):
+        _require(path, f"graph {number}", graph, _GRAPH_KEYS)
+        lens = graph.get("seq_lens", [graph.get("seq_len")])
+        if not _is_ints(lens):
+            raise ArtifactError(f"{path}: graph {number} ({graph['path']}) has no int 'seq_lens' "
+                                "or 'seq_len'; the manifest is damaged, re-export")
+    for name, info in manifest["files"].items():
+        if not _is_relative(name):
+            raise ArtifactError(f"{path}: file {name!r} is not a path inside the artifacts "
+                                "folder; the manifest is damaged, re-export")
+        _require(path, f"file {name!r}", info, _FILE_KEYS)
+
+
 def load_manifest(art_dir: Path, verify_hashes: bool = False) -> dict[str, Any]:
     """Read and sanity-check ``ART/manifest.json``.
 
     Sizes are always checked (cheap, catches truncated copies to a board);
-    SHA-256 only when asked (hashing 700 MB takes a while on a Dev Board).
+    SHA-256 of every file only when asked. The device's Embedder instead hashes each
+    file at its first open and remembers it (device/verify.py).
     """
     art_dir = Path(art_dir)
     path = art_dir / MANIFEST_NAME
@@ -246,13 +310,14 @@ def load_manifest(art_dir: Path, verify_hashes: bool = False) -> dict[str, Any]:
         manifest = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
         raise ArtifactError(f"{path}: unreadable JSON ({exc}); re-run the export") from exc
+    if not isinstance(manifest, dict):
+        raise ArtifactError(f"{path}: a JSON {type(manifest).__name__}, not the object "
+                            "`gemma-edge export` writes; re-export")
     version = manifest.get("format_version")
     if version != FORMAT_VERSION:
         raise ArtifactError(f"{path}: format_version {version!r}, this gemma-edge reads "
                             f"{FORMAT_VERSION}; re-export with this version")
-    for key in ("graphs", "files", "model", "buckets", "tokenizer", "embedding_tables"):
-        if key not in manifest:
-            raise ArtifactError(f"{path}: no {key!r} entry; the manifest is incomplete, re-export")
+    check_manifest_shape(path, manifest)
     for name, info in manifest["files"].items():
         file = art_dir / name
         if not file.is_file():

@@ -36,7 +36,7 @@ def test_same_vectors_as_interpreter_and_cache_reused(tiny_artifacts, tmp_path, 
     got = _vectors(emb)
     np.testing.assert_allclose(got, reference, atol=1e-6)
     assert emb._runners and all(isinstance(r, CompiledGraphRunner) for r in emb._runners.values())
-    files = sorted(cache.iterdir())
+    files = sorted(cache.glob("*.xnnpack"))
     opened = {emb._runner_path[s] for s in emb._runners}
     assert len(files) == len(opened)  # one per graph file (the float export is one file)
     assert all(f.suffix == ".xnnpack" and f.stat().st_size > 0 for f in files)
@@ -44,14 +44,14 @@ def test_same_vectors_as_interpreter_and_cache_reused(tiny_artifacts, tmp_path, 
     again = _vectors(Embedder(tiny_artifacts, backend="cpu", precision=precision,
                               weight_cache=cache))
     np.testing.assert_allclose(again, reference, atol=1e-6)
-    assert {f: f.stat().st_mtime_ns for f in cache.iterdir()} == stamps  # mapped, not re-packed
+    assert {f: f.stat().st_mtime_ns for f in cache.glob("*.xnnpack")} == stamps  # mapped, not re-packed
 
 
 def test_damaged_cache_is_rebuilt(tiny_artifacts, tmp_path):
     cache = tmp_path / "wc"
     reference = Embedder(tiny_artifacts, backend="cpu", precision="int8",
                          weight_cache=cache).encode_query(QUERIES)
-    for f in cache.iterdir():
+    for f in cache.glob("*.xnnpack"):
         f.write_bytes(f.read_bytes()[: f.stat().st_size // 3])
     got = Embedder(tiny_artifacts, backend="cpu", precision="int8",
                    weight_cache=cache).encode_query(QUERIES)
@@ -64,7 +64,7 @@ def test_cache_name_follows_graph_content(tiny_artifacts, tmp_path):
     emb.encode_query(["hello"])
     path = emb._runner_path[16]
     sha = emb.manifest["files"][path]["sha256"]
-    assert [f.name for f in tmp_path.iterdir()] == [emb._compiled.cache_path(sha).name]
+    assert [f.name for f in tmp_path.glob("*.xnnpack")] == [emb._compiled.cache_path(sha).name]
     assert sha[:32] in emb._compiled.cache_path(sha).name
 
 
@@ -83,7 +83,7 @@ def test_failed_open_leaves_no_partial_cache(tiny_artifacts, tmp_path, monkeypat
     monkeypatch.setitem(emb._compiled.api, "CompiledModel", Failing)
     with pytest.raises(ArtifactError, match="cannot load it"):
         emb.encode_query(["hello"])
-    assert list(tmp_path.iterdir()) == []
+    assert list(tmp_path.glob("*.xnnpack*")) == []
     monkeypatch.setitem(emb._compiled.api, "CompiledModel", real)
     assert emb.encode_query(["hello"]).shape == (1, emb.output_dim)
 
@@ -102,7 +102,7 @@ def test_unwritable_cache_falls_back_to_interpreter(tiny_artifacts, tmp_path, ca
 def test_default_cache_dir_from_environment(tiny_artifacts, tmp_path, monkeypatch):
     monkeypatch.setenv("GEMMA_EDGE_CACHE_DIR", str(tmp_path / "env-cache"))
     Embedder(tiny_artifacts, backend="cpu", precision="int8").encode_query(["hello"])
-    assert len(os.listdir(tmp_path / "env-cache")) == 1
+    assert len(list((tmp_path / "env-cache").glob("*.xnnpack"))) == 1
 
 
 def test_broken_compiled_runtime_falls_back_to_interpreter(tiny_artifacts, tmp_path,
