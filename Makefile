@@ -54,3 +54,15 @@ lint: $(STAMP)
 
 clean:
 	rm -rf build
+
+# The device side on an emulated arm64 Debian userland (qemu-user, no binfmt_misc needed):
+# docs/board-check.md. Installs qemu-user-static and mmdebstrap from apt when missing.
+# CI runs BOARD_CHECK_ARGS=--quick; the userland is cached in ~/.cache/gemma-edge/board-rootfs.
+BOARD_CHECK_ARGS ?=
+SUDO        := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+.PHONY: board-check
+board-check: $(STAMP)
+	@command -v qemu-aarch64-static >/dev/null && command -v mmdebstrap >/dev/null || { \
+	  $(SUDO) apt-get update -qq && \
+	  $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq qemu-user-static mmdebstrap; }
+	$(BIN)/python scripts/board_check.py $(BOARD_CHECK_ARGS)

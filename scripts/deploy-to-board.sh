@@ -19,7 +19,8 @@ or mDNS; choose a board with `mdt set preferred-device NAME`).
 Options:
   --dest DIR         folder on the board (default: gemma-edge/NAME in the
                      login's home; /home/mendel/gemma-edge/NAME with mdt)
-  --method M         auto (default) | mdt | rsync | scp
+  --method M         auto (default) | mdt | rsync | scp | local (copy on this
+                     machine, e.g. a board's own checkout; no USER@HOST)
   --ssh-option OPT   extra ssh/scp/rsync -o option, e.g. Port=2222 (repeatable)
   -h, --help         show this help
 EOF
@@ -65,7 +66,8 @@ case $METHOD in
     fi ;;
   mdt) command -v mdt >/dev/null 2>&1 || die "mdt not found: pip install mendel-development-tool" ;;
   rsync|scp) [[ -n $HOST ]] || die "--method $METHOD needs USER@HOST" ;;
-  *) die "--method $METHOD: choose auto, mdt, rsync or scp" ;;
+  local) [[ -z $HOST ]] || die "--method local copies on this machine: drop $HOST" ;;
+  *) die "--method $METHOD: choose auto, mdt, rsync, scp or local" ;;
 esac
 DEST=${DEST#\~/}  # ~/x means x in the login's home; a quoted ~ would not expand
 if [[ -z $DEST ]]; then
@@ -80,6 +82,8 @@ LIST_SIZES='find . -type f ! -name ".*" | LC_ALL=C sort | while IFS= read -r f; 
 remote() {  # run a shell command on the board
   if [[ $METHOD == mdt ]]; then
     mdt exec "$1" | tr -d '\r'
+  elif [[ $METHOD == local ]]; then  # relative to the home folder, as over ssh
+    (cd ~ && bash -c "$1")
   else
     # shellcheck disable=SC2029  # the command is built (and quoted) here on purpose
     ssh ${SSH_OPTS[@]+"${SSH_OPTS[@]}"} "$HOST" "$1"
@@ -87,7 +91,7 @@ remote() {  # run a shell command on the board
 }
 
 total=$(du -sk "$ART" | cut -f1)
-note "copying $ART ($((total / 1024)) MB) to ${HOST:-the mdt board}:$DEST by $METHOD"
+note "copying $ART ($((total / 1024)) MB) to ${HOST:-the $METHOD board}:$DEST by $METHOD"
 remote "mkdir -p $qdest" >/dev/null || die "cannot reach the board (see above); check that \
 $([[ $METHOD == mdt ]] && echo "\`mdt shell\`" || echo "\`ssh $HOST\`") works"
 case $METHOD in
@@ -110,6 +114,8 @@ case $METHOD in
     entries=("$ART"/*)
     scp -rp ${SSH_OPTS[@]+"${SSH_OPTS[@]}"} "${entries[@]}" "$HOST:$DEST/" \
       || die "scp failed (see above); check free space on the board and re-run" ;;
+  local)
+    (cd ~ && cp -R "$ART/." "$DEST/") || die "copy to $DEST failed (see above); check free space" ;;
 esac
 
 local_sizes=$(cd "$ART" && bash -c "$LIST_SIZES")

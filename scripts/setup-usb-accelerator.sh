@@ -166,7 +166,11 @@ if [[ $PY_RUNTIME == none ]]; then
   note "WARNING: no TFLite runtime wheel for this Python/CPU; install one by hand \
 (tflite-runtime needs Python <= 3.11 on 32-bit ARM)"
 else
-  run "$PY" -m pip install "${PIP_USER[@]}" numpy "$PY_RUNTIME"
+  # tflite-runtime (last release 2.14) is built against NumPy 1.x and fails to load a model
+  # under NumPy 2 ("compiled using NumPy 1.x cannot be run in NumPy 2"): keep numpy<2 there.
+  numpy_spec=numpy
+  [[ $PY_RUNTIME == tflite-runtime ]] && numpy_spec="numpy<2"
+  run "$PY" -m pip install "${PIP_USER[@]}" "$numpy_spec" "$PY_RUNTIME"
 fi
 if [[ -n $PROJECT ]]; then
   [[ -e $PROJECT ]] || die "$PROJECT: no such project folder or wheel"
