@@ -9,7 +9,6 @@ with its code; anything else is a bug and keeps its traceback.
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import sys
 from pathlib import Path
@@ -225,7 +224,11 @@ def _optional_subcommands() -> list[Callable[[Any], None]]:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gemma-edge", description=__doc__.splitlines()[0])
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="show the libraries' own output (TensorFlow, LiteRT, torch, JAX, "
+                             "transformers logs and progress) and debug logging; without it "
+                             "it is kept aside and printed only when the command fails. Also "
+                             "accepted after the subcommand")
     sub = parser.add_subparsers(dest="command", required=True)
     for add in SUBCOMMANDS + _optional_subcommands():
         add(sub)
@@ -233,18 +236,25 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    from .quiet import library_output
+
     parser = build_parser()
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(message)s")
-    try:
-        return int(args.func(args) or 0)
-    except GemmaEdgeError as exc:
-        print(f"gemma-edge {args.command}: error: {exc}", file=sys.stderr)
-        return exc.exit_code
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+    args, extra = parser.parse_known_args(argv)
+    if extra and set(extra) <= {"--verbose"}:  # `gemma-edge demo --verbose` works too
+        args.verbose = True
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    # the console script (argv None) keeps native output captured through the shutdown
+    with library_output(args.verbose, until_exit=argv is None) as captured:
+        try:
+            return int(args.func(args) or 0)
+        except GemmaEdgeError as exc:
+            captured.replay()  # what the libraries said may explain the error
+            print(f"gemma-edge {args.command}: error: {exc}", file=sys.stderr)
+            return exc.exit_code
+        except KeyboardInterrupt:
+            print("interrupted", file=sys.stderr)
+            return 130
 
 
 if __name__ == "__main__":

@@ -6,10 +6,9 @@ import json
 from pathlib import Path
 
 import pytest
-from fixtures.edgetpu.tflite_builder import GraphBuilder, fc_model
+from fixtures.edgetpu.tflite_builder import GraphBuilder, complete_manifest, fc_model
 
 from gemma_edge.cli import build_parser, main
-from gemma_edge.manifest import FORMAT_VERSION, describe_files
 
 
 def test_subcommands_are_registered() -> None:
@@ -46,12 +45,11 @@ def test_check_artifacts_dir_reads_edgetpu_graphs(tmp_path: Path,
                                                   capsys: pytest.CaptureFixture) -> None:
     fc_model(tmp_path / "encoder_edgetpu_16.tflite")
     fc_model(tmp_path / "encoder_edgetpu_32.tflite", tokens=4)
-    graphs = [{"path": f"encoder_edgetpu_{t}.tflite", "role": "edgetpu", "seq_lens": [t]}
-              for t in (16, 32)]
+    graphs = [{"path": f"encoder_edgetpu_{t}.tflite", "role": "edgetpu", "seq_lens": [t],
+               "pool_slots": 4} for t in (16, 32)]
     names = [g["path"] for g in graphs]
-    (tmp_path / "manifest.json").write_text(json.dumps({
-        "format_version": FORMAT_VERSION, "graphs": graphs, "model": {}, "buckets": [16, 32],
-        "tokenizer": {}, "embedding_tables": {}, "files": describe_files(tmp_path, names)}))
+    (tmp_path / "manifest.json").write_text(json.dumps(
+        complete_manifest(tmp_path, graphs, [16, 32], names)))
     assert main(["check", str(tmp_path), "--json"]) == 0
     docs = json.loads(capsys.readouterr().out)
     assert [d["graphs"][0]["tpu_ops"] for d in docs] == [1, 0]

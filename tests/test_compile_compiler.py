@@ -10,12 +10,12 @@ import time
 from pathlib import Path
 
 import pytest
-from fixtures.edgetpu.tflite_builder import fc_model
+from fixtures.edgetpu.tflite_builder import complete_manifest, fc_model
 
 from gemma_edge.cli import main
 from gemma_edge.compile.compiler import Policy, compile_model
 from gemma_edge.errors import CompilationError, CompilerNotFoundError, InputError
-from gemma_edge.manifest import FORMAT_VERSION, describe_files, load_manifest
+from gemma_edge.manifest import load_manifest
 
 FAKE = Path(__file__).parent / "fixtures" / "edgetpu" / "fake_edgetpu_compiler.py"
 
@@ -154,13 +154,10 @@ def _artifacts(tmp_path: Path) -> Path:
     art = tmp_path / "art"
     art.mkdir()
     fc_model(art / "encoder_edgetpu_16.tflite")
-    (art / "tokenizer.json").write_text("{}")
     graph = {"path": "encoder_edgetpu_16.tflite", "role": "edgetpu", "seq_lens": [16],
              "signatures": {"16": "encode_16"}, "pool_slots": 4}
-    manifest = {"format_version": FORMAT_VERSION, "model": {"hidden_size": 16},
-                "buckets": [16], "tokenizer": {"file": "tokenizer.json"},
-                "embedding_tables": {}, "graphs": [graph], "extra_key": "kept",
-                "files": describe_files(art, ["encoder_edgetpu_16.tflite", "tokenizer.json"])}
+    manifest = complete_manifest(art, [graph], [16], ["encoder_edgetpu_16.tflite"])
+    manifest["extra_key"] = "kept"
     (art / "manifest.json").write_text(json.dumps(manifest))
     return art
 
@@ -211,10 +208,8 @@ def test_cli_co_compiles_the_segments_of_a_bucket(fake: Path, tmp_path: Path,
     (art / "edgetpu" / "host.npz").write_bytes(b"constants")
     graph = {"path": "edgetpu/host.npz", "role": "edgetpu", "layout": "segments",
              "segments": segments, "seq_lens": [16], "pool_slots": 4}
-    (art / "manifest.json").write_text(json.dumps({
-        "format_version": FORMAT_VERSION, "model": {"hidden_size": 16}, "buckets": [16],
-        "tokenizer": {}, "embedding_tables": {}, "graphs": [graph],
-        "files": describe_files(art, segments + ["edgetpu/host.npz"])}))
+    (art / "manifest.json").write_text(json.dumps(
+        complete_manifest(art, [graph], [16], segments + ["edgetpu/host.npz"])))
     argv_log = tmp_path / "argv.json"
     monkeypatch.setenv("FAKE_EDGETPU_ARGS", str(argv_log))
     assert main(["compile", str(art), "--timeout", "30"]) == 0
@@ -266,10 +261,8 @@ def test_cli_compiles_a_relative_artifacts_dir(fake: Path, tmp_path: Path,
     graph = {"path": "edgetpu/host.npz", "role": "edgetpu", "layout": "segments",
              "segments": segments, "seq_lens": [32], "pool_slots": 4}
     (art / "edgetpu" / "host.npz").write_bytes(b"constants")
-    (art / "manifest.json").write_text(json.dumps({
-        "format_version": FORMAT_VERSION, "model": {"hidden_size": 16}, "buckets": [32],
-        "tokenizer": {}, "embedding_tables": {}, "graphs": [graph],
-        "files": describe_files(art, segments + ["edgetpu/host.npz"])}))
+    (art / "manifest.json").write_text(json.dumps(
+        complete_manifest(art, [graph], [32], segments + ["edgetpu/host.npz"])))
     monkeypatch.chdir(tmp_path)
     assert main(["compile", "build/artifacts", "--timeout", "30"]) == 0, capsys.readouterr().err
     manifest = load_manifest(art, verify_hashes=True)
