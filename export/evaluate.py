@@ -15,7 +15,7 @@ from __future__ import annotations
 import argparse
 import re
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -23,6 +23,17 @@ from typing import Any, Optional, Sequence
 import numpy as np
 
 from gemma_edge.device.embedder import document_text
+
+from .eval_tail import (
+    TAIL_TARGET,
+    plot_short,
+    print_short,
+    print_tail,
+    select_short,
+    short_entry,
+    tail_failures,
+    tail_summary,
+)
 
 PRECISION_ROLE = {"float": "float", "int8": "int8", "full-int8": "edgetpu"}
 
@@ -33,12 +44,17 @@ def _doc_texts(docs: Sequence[dict[str, Any]]) -> list[str]:
 
 def evaluate(art_dir: Path, checkpoint_dir: Path, precisions: Sequence[str],
              dims: Optional[Sequence[int]] = None, quick: bool = False,
-             pack_tokens: Optional[int] = None) -> dict[str, Any]:
+             pack_tokens: Optional[int] = None, short_prompts: Sequence[str] = (),
+             short_every: int = 1, threshold: float = TAIL_TARGET) -> dict[str, Any]:
     """``pack_tokens``: the Embedder's packing budget (None: its default; 0: every text
-    in its own bucket, as a one-by-one caller sees it)."""
-    from gemma_edge.datasets import load_heldout
+    in its own bucket, as a one-by-one caller sees it). ``short_prompts``: embed the
+    held-out short sentences (every ``short_every``-th per language) with each of these
+    prompts of the model (none: skip them). ``threshold``: the tail target; the report's
+    "tail" sums every held-out text per precision at every Matryoshka dimension."""
+    from gemma_edge.datasets import load_heldout, load_short_heldout
     from gemma_edge.device import Embedder
     from gemma_edge.device.embedder import truncate_dim
+    from gemma_edge.errors import InputError
     from gemma_edge.manifest import graphs_for_role, load_manifest
 
     from . import verify
@@ -46,6 +62,15 @@ def evaluate(art_dir: Path, checkpoint_dir: Path, precisions: Sequence[str],
 
     manifest = load_manifest(art_dir)
     queries, docs = load_heldout()
+    unknown = [p for p in short_prompts if p not in manifest.get("prompts", {})]
+    if unknown:
+        raise InputError(f"short-sentence prompts {unknown} unknown; this model has "
+                         f"{', '.join(sorted(manifest.get('prompts', {})))}")
+    if short_every < 1:
+        raise InputError(f"short_every {short_every}: at least 1 (every sentence)")
+    short_rows = select_short(load_short_heldout(), short_every) if short_prompts else []
+    s_texts = [r["text"] for r in short_rows]
+    tail_dims = [int(d) for d in manifest["model"]["mrl_dims"]]
     if quick:  # every query, every document (distractors matter), fewer dims
         dims = dims or [manifest["model"]["output_dim"], min(manifest["model"]["mrl_dims"])]
     dims = [int(d) for d in (dims or manifest["model"]["mrl_dims"])]
@@ -56,12 +81,13 @@ def evaluate(art_dir: Path, checkpoint_dir: Path, precisions: Sequence[str],
 
     max_tokens = max(manifest["buckets"])
 
-    def embed_reference() -> tuple[Any, np.ndarray, np.ndarray, float]:
+    def embed_reference() -> tuple[Any, np.ndarray, np.ndarray, dict[str, np.ndarray], float]:
         started = time.perf_counter()
         model = verify.reference_model(Path(checkpoint_dir), max_tokens)
         ref_q = verify.reference_embeddings(model, q_texts, "query")
         ref_d = verify.reference_embeddings(model, d_texts, None)
-        return model, ref_q, ref_d, time.perf_counter() - started
+        ref_s = {p: verify.reference_embeddings(model, s_texts, p) for p in short_prompts}
+        return model, ref_q, ref_d, ref_s, time.perf_counter() - started
 
     report: dict[str, Any] = {"queries": len(queries), "documents": len(docs),
                               "pack_tokens": pack_tokens,
@@ -79,17 +105,38 @@ def evaluate(art_dir: Path, checkpoint_dir: Path, precisions: Sequence[str],
             started = time.perf_counter()
             emb = Embedder(art_dir, backend="cpu", precision=precision, weight_cache=False,
                            pack_tokens=pack_tokens)
+            ours_s = {p: emb.encode(s_texts, prompt_name=p) for p in short_prompts}
             embedded.append((precision, emb, emb.encode_query(q_texts),
-                             emb.encode(d_texts, prompt="")))
+                             emb.encode(d_texts, prompt=""), ours_s))
             report["seconds"][precision] = time.perf_counter() - started
-        reference, ref_q, ref_d, report["seconds"]["reference"] = reference_job.result()
-    for precision, emb, ours_q, ours_d in embedded:
+        reference, ref_q, ref_d, ref_s, report["seconds"]["reference"] = reference_job.result()
+    tail_parts: dict[str, dict[int, list[np.ndarray]]] = {}
+    if short_rows:
+        report["short"] = {"texts": len(short_rows), "every": short_every,
+                           "prompts": list(short_prompts), "threshold": threshold,
+                           "languages": dict(Counter(r["lang"] for r in short_rows)),
+                           "ids": [r["id"] for r in short_rows],
+                           "langs": [r["lang"] for r in short_rows],
+                           "truncated": {}, "precisions": {}}
+    for precision, emb, ours_q, ours_d, ours_s in embedded:
         # A graph set with a smaller largest bucket (the full-int8 segments: 256 tokens)
         # truncates the texts the reference embeds whole: their cosine mixes the length
         # limit with the quantisation error. The same texts against the reference cut at
         # the same length separate the two.
         same = _reference_at_length(reference, emb, q_texts, d_texts, ref_q, ref_d) \
             if emb.max_tokens < max_tokens else None
+        # the tail: every held-out text at every Matryoshka dim, against the reference on
+        # the same tokens where the graphs cut a text (the length limit is not the tail)
+        tail_parts[precision] = {}
+        for dim in tail_dims:
+            rq, rd = (same[0], same[1]) if same is not None else (ref_q, ref_d)
+            tail_parts[precision][dim] = [
+                verify.cosine_rows(truncate_dim(ours_q, dim), truncate_dim(rq, dim)),
+                verify.cosine_rows(truncate_dim(ours_d, dim), truncate_dim(rd, dim))]
+        if short_rows:
+            report["short"]["precisions"][precision] = _short_precision(
+                reference, emb, short_rows, ours_s, ref_s, dims, tail_dims, threshold,
+                tail_parts[precision], report["short"]["truncated"], precision)
         per_dim: dict[str, Any] = {}
         for dim in dims:
             rq, rd = truncate_dim(ref_q, dim), truncate_dim(ref_d, dim)
@@ -119,7 +166,37 @@ def evaluate(art_dir: Path, checkpoint_dir: Path, precisions: Sequence[str],
                     "ours_mrr": retrieval_metrics(our_scores[rows], sub)["mrr"]}
             per_dim[str(dim)] = entry
         report["precisions"][precision] = per_dim
+    report["tail"] = tail_summary(tail_parts, threshold)
     return report
+
+
+def _short_precision(reference: Any, emb: Any, rows: Sequence[dict[str, Any]],
+                     ours: dict[str, np.ndarray], refs: dict[str, np.ndarray],
+                     dims: Sequence[int], tail_dims: Sequence[int], threshold: float,
+                     tail: dict[int, list[np.ndarray]], truncated: dict[str, int],
+                     precision: str) -> dict[str, Any]:
+    """One precision's short-sentence entries per prompt and dim; their cosines join the
+    tail at every Matryoshka dim. A sentence the graphs cut (none on the real model: they
+    are 16-35 tokens) is compared with the reference cut at the same length."""
+    from gemma_edge.device.embedder import truncate_dim
+
+    from . import verify
+
+    texts = [r["text"] for r in rows]
+    out: dict[str, Any] = {}
+    for prompt, vectors in ours.items():
+        ids, cut = emb.tokenizer.encode([emb.prompts[prompt] + t for t in texts], emb.max_tokens)
+        tokens = [len(i) for i in ids]
+        ref = refs[prompt]
+        if any(cut):
+            ref = _reference_cut(reference, emb.max_tokens, texts, ref, prompt, cut)
+            truncated[precision] = truncated.get(precision, 0) + sum(cut)
+        cos = {dim: verify.cosine_rows(truncate_dim(vectors, dim), truncate_dim(ref, dim))
+               for dim in {*dims, *tail_dims}}
+        for dim in tail_dims:
+            tail[dim].append(cos[dim])
+        out[prompt] = {str(dim): short_entry(cos[dim], rows, tokens, threshold) for dim in dims}
+    return out
 
 
 def _cosine_stats(cos: np.ndarray) -> dict[str, float]:
@@ -133,25 +210,31 @@ def _reference_at_length(reference: Any, emb: Any, q_texts: Sequence[str],
     """Reference embeddings with every text cut at ``emb.max_tokens`` (as the Embedder
     cuts it: BOS and EOS kept), and how many texts that changes. Only the cut texts are
     re-embedded."""
-    from . import verify
-
     out, truncated = [], 0
     for texts, ref, prompt_name in ((q_texts, ref_q, "query"), (d_texts, ref_d, None)):
         prompt = emb.prompts.get(prompt_name, "") if prompt_name else ""
         _, cut = emb.tokenizer.encode([prompt + t for t in texts], emb.max_tokens)
-        rows = [i for i, c in enumerate(cut) if c]
-        ref = ref.copy()
-        if rows:
-            saved = reference.max_seq_length
-            reference.max_seq_length = emb.max_tokens
-            try:
-                ref[rows] = verify.reference_embeddings(reference, [texts[i] for i in rows],
-                                                        prompt_name)
-            finally:
-                reference.max_seq_length = saved
-        out.append(ref)
-        truncated += len(rows)
+        out.append(_reference_cut(reference, emb.max_tokens, texts, ref, prompt_name, cut))
+        truncated += sum(map(bool, cut))
     return out[0], out[1], truncated
+
+
+def _reference_cut(reference: Any, max_tokens: int, texts: Sequence[str], ref: np.ndarray,
+                   prompt_name: Optional[str], cut: Sequence[bool]) -> np.ndarray:
+    """``ref`` with the rows whose texts were ``cut`` re-embedded at ``max_tokens``."""
+    from . import verify
+
+    rows = [i for i, c in enumerate(cut) if c]
+    ref = ref.copy()
+    if rows:
+        saved = reference.max_seq_length
+        reference.max_seq_length = max_tokens
+        try:
+            ref[rows] = verify.reference_embeddings(reference, [texts[i] for i in rows],
+                                                    prompt_name)
+        finally:
+            reference.max_seq_length = saved
+    return ref
 
 
 # -- per-layer sensitivity ------------------------------------------------------------------
@@ -238,6 +321,8 @@ def print_report(report: dict[str, Any]) -> None:
                 print(f"{'':>17} against float on the same {same['max_tokens']} tokens "
                       f"({same['truncated_texts']} texts cut): cosine mean {same['mean']:.4f} "
                       f"min {same['min']:.4f} p1 {same['p1']:.4f}")
+    print_short(report)
+    print_tail(report)
 
 
 def plot_report(report: dict[str, Any], path: Path) -> None:
@@ -248,7 +333,13 @@ def plot_report(report: dict[str, Any], path: Path) -> None:
 
     from gemma_edge.reporting import save_figure
 
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    if report.get("short"):  # the short sentences per language below the two panels
+        fig = plt.figure(figsize=(12, 8))
+        grid = fig.add_gridspec(2, 2)
+        left, right = fig.add_subplot(grid[0, 0]), fig.add_subplot(grid[0, 1])
+        plot_short(fig.add_subplot(grid[1, :]), report)
+    else:
+        fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
     for precision, per_dim in report["precisions"].items():
         dims = [int(d) for d in per_dim]
         left.plot(dims, [per_dim[str(d)]["ours"]["mrr"] for d in dims], "o-", label=precision)
@@ -272,13 +363,21 @@ def plot_report(report: dict[str, Any], path: Path) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from gemma_edge.errors import InputError, VerificationError
     from gemma_edge.reporting import save_report
 
     from .checkpoint import resolve_checkpoint
 
+    if args.fail_below is not None and not 0.0 < args.fail_below <= 1.0:
+        raise InputError(f"--fail-below {args.fail_below}: a cosine in (0, 1], e.g. 0.97")
+    if args.short_every < 1:
+        raise InputError(f"--short-every {args.short_every}: at least 1 (1: every sentence)")
     ckpt = resolve_checkpoint(args.checkpoint)
+    prompts = [] if args.short_prompts == "none" else \
+        [p for p in args.short_prompts.split(",") if p]
     report = evaluate(args.artifacts, ckpt, args.precisions.split(","), args.dims,
-                      pack_tokens=args.pack_tokens)
+                      pack_tokens=args.pack_tokens, short_prompts=prompts,
+                      short_every=args.short_every)
     print_report(report)
     if args.sensitivity:
         report["sensitivity"] = sensitivity(ckpt, args.artifacts, args.sensitivity_precision,
@@ -288,6 +387,12 @@ def run(args: argparse.Namespace) -> int:
         for key, value in worst:
             print(f"  {key:<28} {value['mean_snr_db']:6.1f}")
     save_report(report, args.json, args.plot, plot_report)
+    if args.fail_below is not None:
+        failures = tail_failures(report["tail"], args.fail_below)
+        if failures:
+            raise VerificationError("; ".join(failures) + f" (--fail-below {args.fail_below:g}; "
+                                    f"the report is in {args.json})")
+        print(f"tail check passed: every held-out text >= {args.fail_below:g} at every dimension")
     return 0
 
 
@@ -301,6 +406,14 @@ def register(sub: Any) -> None:
     p.add_argument("--precisions", default="float,int8,full-int8")
     p.add_argument("--pack-tokens", type=int, default=None,
                    help="packing budget of the Embedder (default: its own; 0: one text per call)")
+    p.add_argument("--short-prompts", default="document,query",
+                   help="prompts the held-out short sentences are embedded with (comma list of "
+                        "the model's prompt names; 'none': skip them)")
+    p.add_argument("--short-every", type=int, default=1,
+                   help="every N-th short sentence of each language (default 1: all 1,216)")
+    p.add_argument("--fail-below", type=float, default=None, metavar="COSINE",
+                   help="exit with an error (code 3) when any precision's held-out minimum "
+                        "cosine to float is below COSINE at any Matryoshka dimension (CI)")
     p.add_argument("--sensitivity", action="store_true",
                    help="per-layer SNR of the quantised graph vs float (converts one bucket)")
     p.add_argument("--sensitivity-precision", default="int8", choices=("int8", "full-int8"))

@@ -7,7 +7,7 @@ must run with numpy alone; the formulas follow the BEIR / MTEB conventions
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 
@@ -42,3 +42,50 @@ def same_ranking_share(a: np.ndarray, b: np.ndarray, k: int = 10) -> float:
     top_a = np.argsort(-a, axis=1, kind="stable")[:, :k]
     top_b = np.argsort(-b, axis=1, kind="stable")[:, :k]
     return float(np.mean(np.all(top_a == top_b, axis=1)))
+
+
+# -- the tail: cosine to float per group of texts ---------------------------------------
+# Token bands (prompt included) for the per-length tables: finest where the short
+# sentences are (16-34 tokens with the document prompt), then the device's buckets.
+LENGTH_BANDS: tuple[tuple[int, Optional[int]], ...] = (
+    (1, 16), (17, 20), (21, 24), (25, 32), (33, 64), (65, 128), (129, None))
+
+
+def length_band(tokens: int) -> str:
+    """The label of the band holding ``tokens`` ("<=16", "17-20", ..., ">128")."""
+    for low, high in LENGTH_BANDS:
+        if high is None:
+            return f">{low - 1}"
+        if tokens <= high:
+            return f"<={high}" if low == 1 else f"{low}-{high}"
+    raise AssertionError("unreachable: the last band is open")
+
+
+def cosine_summary(cos: np.ndarray, threshold: float) -> dict[str, float]:
+    """Mean, minimum, 1st percentile and how many fall below ``threshold``.
+
+    NaN propagates into mean/min/p1 and counts as below (``not cos >= threshold``),
+    so a broken graph can never pass a check built on these figures.
+    """
+    cos = np.asarray(cos, dtype=np.float64)
+    if cos.size == 0:
+        raise ValueError("no cosines to summarise")
+    nan = bool(np.isnan(cos).any())
+    return {"n": int(cos.size),
+            "mean": float("nan") if nan else float(cos.mean()),
+            "min": float("nan") if nan else float(cos.min()),
+            "p1": float("nan") if nan else float(np.percentile(cos, 1)),
+            "below": int(np.sum(~(cos >= threshold)))}
+
+
+def grouped_summary(cos: np.ndarray, keys: Sequence[str], threshold: float
+                    ) -> dict[str, dict[str, float]]:
+    """``cosine_summary`` of each group of texts sharing a key, keys sorted."""
+    cos = np.asarray(cos, dtype=np.float64)
+    if len(keys) != cos.size:
+        raise ValueError(f"{len(keys)} keys for {cos.size} cosines")
+    out = {}
+    for key in sorted(set(keys)):
+        rows = [i for i, k in enumerate(keys) if k == key]
+        out[key] = cosine_summary(cos[rows], threshold)
+    return out

@@ -311,10 +311,12 @@ def _quick_evaluation(stage: Path, checkpoint_dir: Path) -> dict[str, Any]:
     """
     from gemma_edge.errors import CalibrationDataError
 
+    from .eval_tail import QUICK_SHORT_EVERY, QUICK_SHORT_PROMPTS, quick_tail, tail_warnings
     from .evaluate import evaluate
 
     try:
-        report = evaluate(stage, checkpoint_dir, ["int8", "full-int8"], quick=True)
+        report = evaluate(stage, checkpoint_dir, ["int8", "full-int8"], quick=True,
+                          short_prompts=QUICK_SHORT_PROMPTS, short_every=QUICK_SHORT_EVERY)
     except CalibrationDataError as exc:
         log.warning("held-out set not available (%s): no evaluation in the manifest", exc)
         return {"skipped": str(exc)}
@@ -328,6 +330,9 @@ def _quick_evaluation(stage: Path, checkpoint_dir: Path) -> dict[str, Any]:
                                     "ndcg@10": e["ours"]["ndcg@10"],
                                     **_same_tokens_summary(e)}
                               for dim, e in per_dim.items()}
+    summary.update(quick_tail(report))  # evaluation.tail: the held-out minimum (issue 20)
+    for line in tail_warnings(summary):
+        log.warning(line)
     return summary
 
 
