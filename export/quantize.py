@@ -25,7 +25,7 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Optional, Sequence
+from typing import Any, Callable, Dict, Iterator, Optional, Sequence
 
 import numpy as np
 
@@ -39,38 +39,29 @@ class Approach(str, enum.Enum):
     """How a graph is quantised (the value is what the manifest and CLI say)."""
 
     DYNAMIC_INT8 = "dynamic-int8"    # int8 weights, activations quantised at run time
-    STATIC_FC_INT8 = "static-fc-int8"  # FULLY_CONNECTED a8w8 (calibrated), other ops float
     FULL_INT8 = "full-int8"          # every op a8w8, int8 I/O: what the Edge TPU runs
-
-
-class RangeStatistic(str, enum.Enum):
-    """How per-sample activation ranges become one range per tensor."""
-
-    MOVING_AVERAGE = "moving-average"  # ai-edge-quantizer's own (EMA 0.95 over the samples)
-    MAX = "max"                        # min/max over every sample
-    MEDIAN = "median"                  # median of the per-sample min and max
-    MSE = "mse"                        # moving average, then shrunk to the least int8 MSE
 
 
 @dataclass
 class QuantConfig:
     approach: Approach
     calibration_per_bucket: int = 24
-    ranges: RangeStatistic = RangeStatistic.MOVING_AVERAGE
+
+
+# (ai-edge-quantizer's Quantizer, float graph, signature, samples) -> {tensor: {min, max}}:
+# how a calibrated graph's activation ranges are measured. The export uses
+# ``moving_average_ranges``; research/ranges.py has the statistics it was compared with.
+RangeFn = Callable[[Any, bytes, str, Sequence[Dict[str, np.ndarray]]], Dict[str, Any]]
 
 
 CPU_INT8 = QuantConfig(Approach.DYNAMIC_INT8)
 
 
 def _recipe(qt: Any, approach: Approach) -> None:
-    from ai_edge_quantizer import qtyping, recipe
+    from ai_edge_quantizer import recipe
 
     if approach is Approach.DYNAMIC_INT8:
         qt.load_quantization_recipe(recipe.dynamic_wi8_afp32())
-    elif approach is Approach.STATIC_FC_INT8:
-        qt.add_static_config(regex=".*",
-                             operation_name=qtyping.TFLOperationName.FULLY_CONNECTED,
-                             activation_num_bits=8, weight_num_bits=8)
     elif approach is Approach.FULL_INT8:
         qt.load_quantization_recipe(recipe.static_wi8_ai8())
     else:  # pragma: no cover - enum is closed
@@ -78,8 +69,12 @@ def _recipe(qt: Any, approach: Approach) -> None:
 
 
 def quantize_graph(float_model: bytes, signature: str, config: QuantConfig,
-                   calibration: Sequence[dict[str, np.ndarray]]) -> bytes:
-    """Quantise one single-signature float graph; returns the flatbuffer bytes."""
+                   calibration: Sequence[dict[str, np.ndarray]],
+                   ranges: Optional[RangeFn] = None) -> bytes:
+    """Quantise one single-signature float graph; returns the flatbuffer bytes.
+
+    ``ranges`` measures the activation ranges of a calibrated approach (default:
+    ``moving_average_ranges``)."""
     from ai_edge_quantizer import quantizer
 
     qt = quantizer.Quantizer(bytearray(float_model))
@@ -93,7 +88,8 @@ def quantize_graph(float_model: bytes, signature: str, config: QuantConfig,
             if qt.need_calibration:
                 if not calibration:
                     raise QuantizationError(f"{config.approach.value} needs calibration data")
-                result = _calibrate(qt, float_model, signature, calibration, config.ranges)
+                result = (ranges or moving_average_ranges)(qt, float_model, signature,
+                                                           calibration)
                 if config.approach is Approach.FULL_INT8:
                     unify_ranges(result, row_block_groups(float_model))
             quantized = qt.quantize(result, enable_progress_report=False).quantized_model
@@ -105,17 +101,11 @@ def quantize_graph(float_model: bytes, signature: str, config: QuantConfig,
     return bytes(quantized)
 
 
-def _calibrate(qt: Any, float_model: bytes, signature: str,
-               samples: Sequence[dict[str, np.ndarray]], ranges: RangeStatistic) -> dict[str, Any]:
-    threads = os.cpu_count() or 1
-    if ranges is RangeStatistic.MOVING_AVERAGE:
-        return min_max_calibration(qt, signature, samples, threads, float_model)
-    if ranges is RangeStatistic.MSE:
-        from .ranges import mse_ranges
-
-        return mse_ranges(float_model, signature, samples,
-                          min_max_calibration(qt, signature, samples, threads, float_model))
-    return _per_sample_ranges(qt, float_model, signature, samples, ranges, threads)
+def moving_average_ranges(qt: Any, float_model: bytes, signature: str,
+                          samples: Sequence[dict[str, np.ndarray]]) -> dict[str, Any]:
+    """The export's activation ranges: ai-edge-quantizer's min/max, folded over the
+    samples by its moving average (``min_max_calibration``)."""
+    return min_max_calibration(qt, signature, samples, os.cpu_count() or 1, float_model)
 
 
 def min_max_calibration(qt: Any, signature: str, samples: Sequence[dict[str, np.ndarray]],
@@ -158,27 +148,11 @@ def model_tensors(model: bytes) -> Iterator[tuple[Any, Any]]:
             yield root, sub.Tensors(t)
 
 
-def _per_sample_ranges(qt: Any, float_model: bytes, signature: str,
-                       samples: Sequence[dict[str, np.ndarray]], ranges: RangeStatistic,
-                       threads: int) -> dict[str, Any]:
-    # ai-edge-quantizer folds samples by a moving average only; other statistics need
-    # each sample's own range, so it is asked once per sample.
-    per_sample = [min_max_calibration(qt, signature, [sample], threads, float_model)
-                  for sample in samples]
-    low, high = (np.min, np.max) if ranges is RangeStatistic.MAX else (np.median, np.median)
-    out = {}
-    for name, qsv in per_sample[0].items():
-        stats = [r[name] for r in per_sample if name in r]
-        out[name] = dict(qsv, min=low(np.stack([q["min"] for q in stats]), axis=0),
-                         max=high(np.stack([q["max"] for q in stats]), axis=0))
-    return out
-
-
 def row_block_groups(model: bytes) -> list[list[str]]:
     """Names of the MUL outputs that are row blocks of one product (see below).
 
     The Edge TPU graphs compute attention products as MUL + SUM over blocks of query
-    rows, concatenated (``CoralLayer._blocks``: the compiler needs small activations).
+    rows, concatenated (``coral_ops.row_blocks``: the compiler needs small activations).
     Each block's MUL gets its own calibrated range, but the blocks are one tensor cut by
     position: a block whose positions held mostly padding during calibration gets a
     narrower range and clips the real tokens a packed bucket puts there. Pattern:

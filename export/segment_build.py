@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from .encoder import EncoderCore
-from .quantize import RangeStatistic
+from .quantize import RangeFn
 from .segment_graph import SegmentTemplate, build_template, fill_checked, template_key
 from .segments import (
     AttentionSegment,
@@ -98,8 +98,8 @@ def host_constants(core: EncoderCore, scales: Sequence[LayerScales]) -> dict[str
         "act_scale": np.stack([s.act for s in scales]),
         "q_scale": np.stack([s.q for s in scales]),
         "k_scale": np.stack([s.k for s in scales]),
-        "act_groups": np.stack([s.act_groups if s.act_groups is not None
-                                else np.zeros(len(s.act), np.int32) for s in scales]),
+        # a format field (MLP channel groups, a study option that lost); always one group
+        "act_groups": np.zeros((len(scales), len(scales[0].act)), np.int32),
         "act_split": np.array([s.act_split for s in scales], np.float32),
         "softmax_split": np.array([s.softmax_split for s in scales], np.float32),
         "softmax_split_from": np.array([s.softmax_split_from for s in scales], np.int32),
@@ -120,7 +120,6 @@ def scales_from_host(host: dict[str, np.ndarray]) -> list[LayerScales]:
     return [LayerScales(host["attn_in"][i], host["v_scale"][i], host["attn_out"][i],
                         host["ff_in"][i], host["act_scale"][i], host["ff_out"][i],
                         host["q_scale"][i], host["k_scale"][i],
-                        host["act_groups"][i] if "act_groups" in host else None,
                         float(host["act_split"][i]) if "act_split" in host else 0.0,
                         float(host["softmax_split"][i]) if "softmax_split" in host else 0.0,
                         int(host["softmax_split_from"][i]) if "softmax_split_from" in host else 0)
@@ -173,7 +172,7 @@ def segment_sensitivity(core: EncoderCore, art_dir: Path, graph: dict,
 
 def quantize_segment(kind: str, segment: AttentionSegment | MlpSegment, seq_len: int,
                      hidden: int, feeds: Sequence[dict[str, np.ndarray]],
-                     ranges: RangeStatistic = RangeStatistic.MOVING_AVERAGE,
+                     ranges: Optional[RangeFn] = None,
                      template: Optional[SegmentTemplate] = None) -> bytes:
     """Convert one segment ("attn" or "mlp") and quantise it fully to int8 on ``feeds``;
     with a ``template`` of its structure the float graph is the template filled with the
@@ -185,12 +184,12 @@ def quantize_segment(kind: str, segment: AttentionSegment | MlpSegment, seq_len:
 
 
 def quantize_float_segment(float_model: bytes, feeds: Sequence[dict[str, np.ndarray]],
-                           ranges: RangeStatistic = RangeStatistic.MOVING_AVERAGE) -> bytes:
-    """A converted segment (``float_segment``) quantised fully to int8 on ``feeds``."""
+                           ranges: Optional[RangeFn] = None) -> bytes:
+    """A converted segment (``float_segment``) quantised fully to int8 on ``feeds``
+    (``ranges``: see ``quantize.quantize_graph``)."""
     from .quantize import Approach, QuantConfig, quantize_graph
 
-    return quantize_graph(float_model, "segment", QuantConfig(Approach.FULL_INT8, ranges=ranges),
-                          feeds)
+    return quantize_graph(float_model, "segment", QuantConfig(Approach.FULL_INT8), feeds, ranges)
 
 
 class SegmentBuild:
@@ -269,7 +268,7 @@ class SegmentBuild:
                     for kind, segment in zip(("attn", "mlp"), pair):
                         future = templates.get(template_key(segment)) if templates else None
                         job = pool.submit(quantize_segment, kind, segment, seq_len, hidden,
-                                          inputs[(i, kind)], RangeStatistic.MOVING_AVERAGE,
+                                          inputs[(i, kind)], None,
                                           future.result() if future else None)
                         if self.on_segment_done:
                             job.add_done_callback(lambda _job: self.on_segment_done())

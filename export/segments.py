@@ -47,7 +47,15 @@ from torch import nn
 
 from gemma_edge.errors import QuantizationError
 
-from .coral_encoder import DEFAULT_MAX_PRODUCT, CoralLayer, _apply, _conv, gelu_sigmoid
+from .coral_ops import (
+    DEFAULT_MAX_PRODUCT,
+    apply_conv,
+    conv1x1,
+    exp_neg,
+    gelu_sigmoid,
+    rotate_half,
+    row_blocks,
+)
 from .encoder import BucketEncoder, EncoderCore, EncoderLayer, band_bias, rope_tables
 
 
@@ -63,7 +71,6 @@ class LayerScales:
     ff_out: np.ndarray    # [C], or [G, C]: the MLP segment returns G partials (host sums)
     q: np.ndarray         # [H*D] raw q channel absmax: the graph carries q / q_scale
     k: np.ndarray         # [D]
-    act_groups: Optional[np.ndarray] = None  # [I] int: MLP channel group (None: one group)
     # GELU(gate) * up / act carried as two int8 tensors (Smoothing.mlp_split): a fine one
     # that saturates at act_split and the excess beyond it; 0: one tensor
     act_split: float = 0.0
@@ -82,15 +89,6 @@ class LayerScales:
                            one(heads * d, np.float32), one(d, np.float32))
 
 
-def channel_groups(ranges: np.ndarray, groups: int) -> np.ndarray:
-    """Group index per channel: channels ranked by range, cut into equal-size groups."""
-    order = np.argsort(np.asarray(ranges), kind="stable")
-    out = np.zeros(len(order), np.int32)
-    for g, idx in enumerate(np.array_split(order, max(1, min(groups, len(order))))):
-        out[idx] = g
-    return out
-
-
 @dataclass(frozen=True)
 class Smoothing:
     """SmoothQuant migration strengths per place (0: none, 1: all into the weights).
@@ -105,26 +103,20 @@ class Smoothing:
     v: float = 0.75
     ff_in: float = 0.6
     act: float = 0.45
-    # The MLP's GELU(gate) * up tensor split into this many channel groups of similar
-    # range, each with its own int8 scale and partial down projection. Its rounding is
-    # the MLP segment's largest error in simulation (0.086 of 0.11), and grouping halved
-    # it there, but in the calibrated int8 graphs 2 and 4 groups were worse than one
-    # (docs/quantization.md): 1 by default, kept for `segment-study --mlp-groups`.
-    mlp_groups: int = 1
-    # Where the MLP's partial down projections (the two ranges of mlp_split, or the
-    # channel groups) are added: in the graph (an int8 ADD, one per-tensor scale for
-    # the sum) or on the host in float, the segment returning the partials [1, G, T, C]
-    # (G = 2 for the two ranges), each with its own per-channel output scale. Measured
-    # for the two ranges (64 tokens, both kinds, 24 texts): 0.9913 / 0.9845 against
-    # 0.9905 / 0.9835 with the ADD, for one more [T, C] int8 output per MLP call.
+    # Where the MLP's partial down projections (the two ranges of mlp_split) are added:
+    # in the graph (an int8 ADD, one per-tensor scale for the sum) or on the host in
+    # float, the segment returning the partials [1, 2, T, C], each with its own
+    # per-channel output scale. Measured (64 tokens, both kinds, 24 texts): 0.9913 /
+    # 0.9845 against 0.9905 / 0.9835 with the ADD, for one more [T, C] int8 output per
+    # MLP call.
     mlp_host_sum: bool = True
     # Two-range GELU product: the MUL is computed twice, once saturating at this fraction
     # of the product's calibrated absmax (fine steps for the bulk of the values) and once
     # at full range, from which only the part beyond the saturation level is kept (exact
     # zero elsewhere); down_proj runs on both and the two partials are added. Per-tensor
     # int8 gives the rare large products (set by a few tokens) and the common small ones
-    # the same step; this gives the common ones 1/mlp_split finer steps. 0: one tensor;
-    # off with mlp_groups > 1. Measured in docs/quantization.md.
+    # the same step; this gives the common ones 1/mlp_split finer steps. 0: one tensor.
+    # Measured in docs/quantization.md.
     mlp_split: float = 0.125
     # Two-range softmax weights: exp(max - s) is in (0, 1] with its int8 steps of 1/255 set
     # by the row maximum, and most of a row's weights are small. With this fraction r > 0
@@ -142,8 +134,10 @@ class Smoothing:
     softmax_split_from: int = 0
 
     def to_json(self) -> dict[str, float]:
+        # "mlp_groups": a format field of the manifest (MLP channel groups, a study that
+        # lost: docs/quantization.md); the shipped recipe has one group
         return {"attn_in": self.attn_in, "v": self.v, "ff_in": self.ff_in, "act": self.act,
-                "mlp_groups": self.mlp_groups, "mlp_host_sum": self.mlp_host_sum,
+                "mlp_groups": 1, "mlp_host_sum": self.mlp_host_sum,
                 "mlp_split": self.mlp_split, "softmax_split": self.softmax_split,
                 "softmax_split_from": self.softmax_split_from}
 
@@ -174,9 +168,9 @@ class AttentionSegment(nn.Module):
         w_qkv = layer.qkv_proj.weight.detach().double() * col
         inv_v = 1.0 / _t(scales.v)
         u_q, u_k = _t(scales.q), _t(scales.k)
-        self.q = _conv(w_qkv[:heads * hd] / u_q[:, None])
-        self.k = _conv(w_qkv[heads * hd:(heads + 1) * hd] / u_k[:, None])
-        self.v = _conv(w_qkv[(heads + 1) * hd:] * inv_v[:, None])
+        self.q = conv1x1(w_qkv[:heads * hd] / u_q[:, None])
+        self.k = conv1x1(w_qkv[heads * hd:(heads + 1) * hd] / u_k[:, None])
+        self.v = conv1x1(w_qkv[(heads + 1) * hd:] * inv_v[:, None])
         # q/k RMSNorm of channel-equalised q' = q / u: mean(q^2) = sum_d (u_d^2 / D) q'_d^2,
         # a 1x1 convolution (block-diagonal over heads) instead of MUL + MEAN on raw q:
         # squaring raw q in int8 (range +-60, per-token rms 4..14) rounded most squares
@@ -184,10 +178,10 @@ class AttentionSegment(nn.Module):
         w_ms = torch.zeros(heads, heads * hd, dtype=torch.float64)
         for h in range(heads):
             w_ms[h, h * hd:(h + 1) * hd] = u_q[h * hd:(h + 1) * hd] ** 2 / hd
-        self.q_ms = _conv(w_ms, torch.full((heads,), self.eps, dtype=torch.float64))
-        self.k_ms = _conv((u_k ** 2 / hd)[None, :], torch.full((1,), self.eps, dtype=torch.float64))
+        self.q_ms = conv1x1(w_ms, torch.full((heads,), self.eps, dtype=torch.float64))
+        self.k_ms = conv1x1((u_k ** 2 / hd)[None, :], torch.full((1,), self.eps, dtype=torch.float64))
         w_o = layer.o_proj.weight.detach().double() * _t(scales.v).repeat(heads)
-        self.o = _conv(w_o / _t(scales.attn_out)[:, None])
+        self.o = conv1x1(w_o / _t(scales.attn_out)[:, None])
         # the k gain is negated: scores come out as -s, the softmax takes REDUCE_MIN
         # (ai-edge-quantizer has no int8 REDUCE_MAX), as in coral_encoder.
         self.q_gain = nn.Parameter((layer.q_norm.gain.detach().double().repeat(heads) * u_q)
@@ -217,15 +211,15 @@ class AttentionSegment(nn.Module):
 
     def forward(self, a: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         seq, heads, hd = self.seq_len, self.heads, self.hd
-        q = _apply(self.q, a)                                              # [1, 1, T, H*D]
-        q_r = torch.rsqrt(_apply(self.q_ms, q * q)).reshape(1, seq, heads, 1)
+        q = apply_conv(self.q, a)                                              # [1, 1, T, H*D]
+        q_r = torch.rsqrt(apply_conv(self.q_ms, q * q)).reshape(1, seq, heads, 1)
         q = q.reshape(1, seq, heads, hd) * q_r * self.q_gain
-        q = q * self.cos_q + _rotate_half(q) * self.sin_q                  # [1, T, H, D]
-        k = _apply(self.k, a)                                              # [1, 1, T, D]
-        k = k * torch.rsqrt(_apply(self.k_ms, k * k)) * self.k_gain
-        k = k * self.cos_k + _rotate_half(k) * self.sin_k                  # [1, 1, T, D] (= -k)
-        v = _apply(self.v, a)                                              # [1, 1, T, D]
-        neg = CoralLayer._blocks(q.reshape(1, seq * heads, 1, hd), k, -1, self.max_product)
+        q = q * self.cos_q + rotate_half(q) * self.sin_q                  # [1, T, H, D]
+        k = apply_conv(self.k, a)                                              # [1, 1, T, D]
+        k = k * torch.rsqrt(apply_conv(self.k_ms, k * k)) * self.k_gain
+        k = k * self.cos_k + rotate_half(k) * self.sin_k                  # [1, 1, T, D] (= -k)
+        v = apply_conv(self.v, a)                                              # [1, 1, T, D]
+        neg = row_blocks(q.reshape(1, seq * heads, 1, hd), k, -1, self.max_product)
         neg = neg.reshape(1, seq, heads, seq)                              # -scores
         visible = mask.reshape(1, seq, 1, seq)
         if self.sliding_band:
@@ -234,14 +228,14 @@ class AttentionSegment(nn.Module):
         # negative the shift is 0 instead of the max, still exact in float)
         low = torch.amin(neg * visible, -1, keepdim=True)
         y = torch.relu(neg - low)                                          # >= 0 where visible
-        e = _exp_neg(y) * visible                                          # exp(-y), masked
+        e = exp_neg(y) * visible                                          # exp(-y), masked
         if self.softmax_split > 0.0:
-            return _apply(self.o, self._two_range_weights(y, e, visible, v))
+            return apply_conv(self.o, self._two_range_weights(y, e, visible, v))
         inv = torch.rsqrt(e.sum(-1, keepdim=True))                         # 1 / sqrt(row sum)
         p = (e * inv).reshape(1, seq * heads, seq, 1)
-        o = CoralLayer._blocks(p, v, 2, self.max_product).reshape(1, seq, heads, hd)
+        o = row_blocks(p, v, 2, self.max_product).reshape(1, seq, heads, hd)
         o = (o * inv).reshape(1, 1, seq, heads * hd)
-        return _apply(self.o, o)
+        return apply_conv(self.o, o)
 
     def _two_range_weights(self, y: torch.Tensor, e: torch.Tensor, visible: torch.Tensor,
                            v: torch.Tensor) -> torch.Tensor:
@@ -249,26 +243,14 @@ class AttentionSegment(nn.Module):
         exp(-y) = r * fine + excess, fine = exp(-relu(y - ln(1/r))) in (0, 1], excess =
         relu(exp(-y) - r). Exact in float."""
         seq, heads, hd, r = self.seq_len, self.heads, self.hd, self.softmax_split
-        fine = _exp_neg(torch.relu(y - math.log(1.0 / r))) * visible
+        fine = exp_neg(torch.relu(y - math.log(1.0 / r))) * visible
         excess = torch.relu(e - r)
         total = fine.sum(-1, keepdim=True) * r + excess.sum(-1, keepdim=True)
         inv = torch.rsqrt(total)                                           # 1 / sqrt(row sum)
-        parts = [CoralLayer._blocks((w * inv).reshape(1, seq * heads, seq, 1), v, 2,
+        parts = [row_blocks((w * inv).reshape(1, seq * heads, seq, 1), v, 2,
                                     self.max_product) for w in (fine, excess)]
         o = (parts[0] * r + parts[1]).reshape(1, seq, heads, hd) * inv
         return o.reshape(1, 1, seq, heads * hd)
-
-
-def _exp_neg(y: torch.Tensor) -> torch.Tensor:
-    """exp(-y) for y >= 0 in Edge TPU ops: sigmoid(-y) / sigmoid(y), the division a square
-    of RSQRT (sigmoid(y) is in [0.5, 1])."""
-    r = torch.rsqrt(torch.sigmoid(y))
-    return torch.sigmoid(-y) * r * r
-
-
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat([x[..., half:], x[..., :half]], dim=-1)
 
 
 class MlpSegment(nn.Module):
@@ -282,23 +264,17 @@ class MlpSegment(nn.Module):
         w_gate, w_up = w[:inter], w[inter:] / _t(scales.act)[:, None]
         w_down = layer.down_proj.weight.detach().double() * _t(scales.act)
         self.host_sum = np.ndim(scales.ff_out) == 2
-        # Channel groups: gate/up/down split by intermediate channel, one GELU(gate) * up
-        # tensor (own int8 scale) per group, the partial down projections added. Exact.
-        groups = (np.zeros(inter, np.int32) if scales.act_groups is None
-                  else np.asarray(scales.act_groups))
-        members = [torch.from_numpy(np.flatnonzero(groups == g)) for g in np.unique(groups)]
-        self.gate = nn.ModuleList(_conv(w_gate[idx]) for idx in members)
-        self.up = nn.ModuleList(_conv(w_up[idx]) for idx in members)
+        # one-entry lists: their names (gate.0, up.0, down.0) are part of the converted
+        # graphs' tensor names, so they stay as when the MLP could be cut into channel groups
+        self.gate = nn.ModuleList([conv1x1(w_gate)])
+        self.up = nn.ModuleList([conv1x1(w_up)])
         self.split = float(scales.act_split)
         # the split as tensors, not Python floats: per-layer values must be graph
         # constants that segment_graph's templates can rewrite (a Python float is folded away)
         self.register_buffer("split_at", torch.tensor(self.split), persistent=False)
         self.register_buffer("neg_split_at", torch.tensor(-self.split), persistent=False)
-        # partial outputs: one per channel group, or the two ranges (fine, excess)
-        partials = 2 if self.split > 0.0 else len(members)
-        if self.split > 0.0 and len(members) > 1:
-            raise QuantizationError("the two-range GELU product (mlp_split) needs one MLP "
-                                    "channel group")
+        # partial outputs: the two ranges (fine, excess), or the one product
+        partials = 2 if self.split > 0.0 else 1
         out_scale = (_t(scales.ff_out) if self.host_sum
                      else _t(scales.ff_out)[None].expand(partials, -1))
         if out_scale.shape[0] != partials:
@@ -309,25 +285,24 @@ class MlpSegment(nn.Module):
             # weights (a distinct MUL, which the converter cannot merge with the coarse
             # one) and its own down weights times split; the excess goes through down.
             # With host_sum each partial has its own per-channel output scale.
-            self.up_fine = _conv(w_up / self.split)
-            self.down_fine = _conv(w_down / out_scale[0][:, None] * self.split)
-            self.down = nn.ModuleList([_conv(w_down / out_scale[1][:, None])])
+            self.up_fine = conv1x1(w_up / self.split)
+            self.down_fine = conv1x1(w_down / out_scale[0][:, None] * self.split)
+            self.down = nn.ModuleList([conv1x1(w_down / out_scale[1][:, None])])
         else:
-            self.down = nn.ModuleList(_conv(w_down[:, idx] / out_scale[g][:, None])
-                                      for g, idx in enumerate(members))
+            self.down = nn.ModuleList([conv1x1(w_down / out_scale[0][:, None])])
 
     def graph_options(self) -> tuple:
         """What shapes the converted graph besides its tensors' values (as above)."""
         return ("mlp", self.host_sum, self.split > 0.0)
 
     def _two_range(self, b: torch.Tensor) -> torch.Tensor:
-        gelu = gelu_sigmoid(_apply(self.gate[0], b))
-        coarse = gelu * _apply(self.up[0], b)
+        gelu = gelu_sigmoid(apply_conv(self.gate[0], b))
+        coarse = gelu * apply_conv(self.up[0], b)
         # MUL with a fused RELU_N1_TO_1: the int8 tensor saturates at +-split
-        fine = torch.clamp(gelu * _apply(self.up_fine, b), -1.0, 1.0)
+        fine = torch.clamp(gelu * apply_conv(self.up_fine, b), -1.0, 1.0)
         # SUBs with fused RELUs: exactly 0 (the zero point) wherever |coarse| <= split
         excess = torch.relu(coarse - self.split_at) - torch.relu(self.neg_split_at - coarse)
-        parts = (_apply(self.down_fine, fine), _apply(self.down[0], excess))
+        parts = (apply_conv(self.down_fine, fine), apply_conv(self.down[0], excess))
         if self.host_sum:
             return torch.cat(parts, dim=1)                                # [1, 2, T, C]
         return parts[0] + parts[1]
@@ -335,16 +310,8 @@ class MlpSegment(nn.Module):
     def forward(self, b: torch.Tensor) -> torch.Tensor:
         if self.split > 0.0:
             return self._two_range(b)
-        parts = []
-        for gate_conv, up_conv, down_conv in zip(self.gate, self.up, self.down):
-            act = gelu_sigmoid(_apply(gate_conv, b)) * _apply(up_conv, b)
-            parts.append(_apply(down_conv, act))                          # [1, 1, T, C]
-        if self.host_sum:
-            return torch.cat(parts, dim=1)                                # [1, G, T, C]
-        out = parts[0]
-        for part in parts[1:]:
-            out = out + part
-        return out
+        act = gelu_sigmoid(apply_conv(self.gate[0], b)) * apply_conv(self.up[0], b)
+        return apply_conv(self.down[0], act)                             # [1, 1, T, C]
 
 
 SegmentFn = Callable[[int, str, torch.Tensor, Optional[torch.Tensor]], torch.Tensor]
@@ -470,18 +437,12 @@ def measure_scales(core: EncoderCore, samples: Sequence[dict[str, np.ndarray]],
             hook.remove()
     act_scales = [smooth(stats[(i, "act")], layer.down_proj.weight.detach().abs().amax(0),
                          smoothing.act) for i, layer in enumerate(core.layers)]
-    groups = [channel_groups((stats[(i, "act")] / act_scales[i]).numpy(), smoothing.mlp_groups)
-              for i in range(n)]
     # the product's absmax after smoothing sets where its fine tensor saturates
-    # (channel groups, a study option, replace the two ranges)
     splits = [smoothing.mlp_split * float((stats[(i, "act")] / act_scales[i]).max())
-              if smoothing.mlp_split > 0.0 and smoothing.mlp_groups == 1 else 0.0
-              for i in range(n)]
-    if smoothing.mlp_host_sum and (smoothing.mlp_groups > 1 or max(splits) > 0.0):
-        # second pass: each partial down projection (channel group, or the fine and the
-        # excess range of the product), its own per-channel absmax
-        members = [[torch.from_numpy(np.flatnonzero(g == k)) for k in np.unique(g)]
-                   for g in groups]
+              if smoothing.mlp_split > 0.0 else 0.0 for i in range(n)]
+    if smoothing.mlp_host_sum and max(splits) > 0.0:
+        # second pass: each partial down projection (the fine and the excess range of
+        # the product), its own per-channel absmax
 
         def partials(i: int, act: torch.Tensor) -> torch.Tensor:
             w = core.layers[i].down_proj.weight
@@ -491,9 +452,8 @@ def measure_scales(core: EncoderCore, samples: Sequence[dict[str, np.ndarray]],
                 fine = ((act / scale).clamp(-splits[i], splits[i]) * scale) @ w.T
                 keep(i, "ff_out_0", fine[live_now[0]])
                 keep(i, "ff_out_1", (full - fine)[live_now[0]])
-            else:
-                for k, idx in enumerate(members[i]):
-                    keep(i, f"ff_out_{k}", (act[:, idx] @ w[:, idx].T)[live_now[0]])
+            else:  # (a layer whose product is all zero: one partial)
+                keep(i, "ff_out_0", (act @ w.T)[live_now[0]])
             return full
 
         float_pass(partials)
@@ -506,19 +466,19 @@ def measure_scales(core: EncoderCore, samples: Sequence[dict[str, np.ndarray]],
         ff_in = smooth(stats[(i, "ff_in")], w_gu.abs().amax(0), smoothing.ff_in)
         w_o = layer.o_proj.weight.detach().abs().reshape(c, spec.num_heads, hd).amax((0, 1))
         v = smooth(stats[(i, "v")], w_o, smoothing.v)
-        act, act_groups = act_scales[i], groups[i]
+        act = act_scales[i]
         # outputs: per-channel absmax of the unscaled branch outputs (recorded with
         # identity scales), so every output channel spans the same int8 range
         attn_out = stats[(i, "attn_out")].clamp(min=1e-6)
         ff_out = stats[(i, "ff_out")].clamp(min=1e-6)
         if (i, "ff_out_0") in stats:  # [G, C]: partial outputs summed on the host
-            count = 2 if splits[i] > 0.0 else len(np.unique(act_groups))
+            count = 2 if splits[i] > 0.0 else 1
             ff_out = torch.stack([stats[(i, f"ff_out_{k}")]
                                   for k in range(count)]).clamp(min=1e-6)
         q_abs, k_abs = stats[(i, "q")].clamp(min=1e-6), stats[(i, "k")].clamp(min=1e-6)
         out.append(LayerScales(*(t.numpy().astype(np.float32) for t in
                                  (attn_in, v, attn_out, ff_in, act, ff_out, q_abs, k_abs)),
-                               act_groups=act_groups, act_split=splits[i],
+                               act_split=splits[i],
                                softmax_split=smoothing.softmax_split,
                                softmax_split_from=smoothing.softmax_split_from))
     if not all(np.isfinite(v).all() for s in out for v in vars(s).values() if v is not None):

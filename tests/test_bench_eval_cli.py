@@ -267,48 +267,6 @@ def test_latency_check_on_a_mid_size_model(tmp_path, capsys):
     assert code == 0, out
 
 
-@pytest.mark.parametrize("flag,value,message", [
-    ("--smoothing", "0.5,x,0.5,0.5", "four values in [0, 1]"),
-    ("--smoothing", "0.5,0.5,0.5", "four values in [0, 1]"),
-    ("--kinds", "attn,mlps", "a comma list of attn, mlp"),
-    ("--ladder", "64,2x6", "expected comma-separated integers"),
-])
-def test_segment_study_rejects_bad_options(tmp_path, capsys, flag, value, message):
-    with pytest.raises(SystemExit) as exc:
-        main(["segment-study", "--checkpoint", str(tmp_path), "--artifacts", str(tmp_path),
-              flag, value])
-    assert exc.value.code == 2 and message in capsys.readouterr().err
-
-
-def test_segment_study_rejects_zero_mlp_groups(tmp_path, capsys):
-    code = main(["segment-study", "--checkpoint", str(tmp_path), "--artifacts", str(tmp_path),
-                 "--mlp-groups", "0"])
-    assert code != 0 and "--mlp-groups 0: at least 1" in capsys.readouterr().err
-
-
-@pytest.mark.parametrize("extra", [["--mlp-split", "1.5"], ["--mlp-split", "-0.1"],
-                                   ["--mlp-split", "0.1", "--mlp-groups", "2"]])
-def test_segment_study_rejects_a_bad_mlp_split(tmp_path, capsys, extra):
-    code = main(["segment-study", "--checkpoint", str(tmp_path), "--artifacts", str(tmp_path),
-                 *extra])
-    assert code != 0 and "a fraction in [0, 1)" in capsys.readouterr().err
-
-
-@pytest.mark.parametrize("value", ["1.0", "-0.5"])
-def test_segment_study_rejects_a_bad_softmax_split(tmp_path, capsys, value):
-    code = main(["segment-study", "--checkpoint", str(tmp_path), "--artifacts", str(tmp_path),
-                 "--softmax-split", value])
-    assert code != 0 and "--softmax-split" in capsys.readouterr().err
-
-
-@pytest.mark.parametrize("extra,flag", [(["--texts", "0"], "--texts"),
-                                        (["--softmax-split-from", "-1"], "--softmax-split-from")])
-def test_segment_study_rejects_bad_counts(tmp_path, capsys, extra, flag):
-    code = main(["segment-study", "--checkpoint", str(tmp_path), "--artifacts", str(tmp_path),
-                 *extra])
-    assert code != 0 and flag in capsys.readouterr().err
-
-
 def test_eval_rejects_bad_dims(tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
         main(["eval", "--artifacts", str(tmp_path), "--checkpoint", str(tmp_path),

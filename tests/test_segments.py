@@ -58,29 +58,6 @@ def test_segmented_rewrite_is_exact_in_float(tiny_core, calibration):
             got = feed["a" if key[1] == "attn" else "b"]
             assert got.shape == ref.shape
             assert np.abs(got - ref).max() <= 1e-4 * np.abs(ref).max(), key
-    # the MLP split into channel groups (equal sizes, ranked by range) is exact too
-    grouped = seg.measure_scales(tiny_core, samples, seg.Smoothing(mlp_groups=4))
-    assert sorted(np.bincount(grouped[0].act_groups)) == [36] * 4
-    segments = seg.layer_segments(tiny_core, BUCKET, grouped)
-    assert len(segments[0][1].down) == 4
-    assert check_float(tiny_core, grouped, segments, samples) >= FLOAT_EQUALITY
-    # ... and with the partial outputs returned to the host, each with its own scales
-    host_sum = seg.measure_scales(tiny_core, samples, seg.Smoothing(mlp_groups=3,
-                                                                    mlp_host_sum=True))
-    assert host_sum[0].ff_out.shape == (3, tiny_core.spec.hidden_size)
-    assert not np.allclose(host_sum[0].ff_out[0], host_sum[0].ff_out[1])
-    segments = seg.layer_segments(tiny_core, BUCKET, host_sum)
-    b = torch.randn(1, 1, BUCKET, tiny_core.spec.hidden_size)
-    assert segments[0][1](b).shape == (1, 3, BUCKET, tiny_core.spec.hidden_size)
-    assert check_float(tiny_core, host_sum, segments, samples) >= FLOAT_EQUALITY
-
-
-def test_channel_groups_rank_by_range():
-    from gemma_edge.export.segments import channel_groups
-
-    groups = channel_groups(np.array([5.0, 0.1, 3.0, 0.2, 9.0, 1.0]), 3)
-    assert groups.tolist() == [2, 0, 1, 0, 2, 1]
-    assert channel_groups(np.ones(2), 4).tolist() == [0, 1]  # never more groups than channels
 
 
 def test_float_check_catches_a_wrong_rewrite(tiny_core, calibration):
@@ -171,32 +148,6 @@ def test_truncation_warning_names_the_longer_graphs(tiny_artifacts, caplog):
     assert "takes up to 64" in caplog.text
 
 
-def test_segment_study_measures_one_recipe(tiny_checkpoint, tiny_artifacts):
-    from gemma_edge.export.segment_study import study
-    from gemma_edge.export.segments import Smoothing
-
-    exact = study(str(tiny_checkpoint), tiny_artifacts, BUCKET, Smoothing(), 4, 4, [])
-    assert exact["texts"] == 4 and exact["cosine_min"] > 0.99999  # nothing quantised
-    mlp = study(str(tiny_checkpoint), tiny_artifacts, BUCKET, Smoothing(), 4, 4, ["mlp"])
-    assert 0.5 < mlp["cosine_min"] <= mlp["cosine_mean"] < 0.99999
-    # judged on corpus texts held back from the calibration instead of the held-out set
-    dev = study(str(tiny_checkpoint), tiny_artifacts, BUCKET, Smoothing(), 4, 4, ["mlp"],
-                eval_texts="corpus")
-    assert dev["eval_texts"] == "corpus" and dev["texts"] == 4
-    assert 0.5 < dev["cosine_min"] <= dev["cosine_mean"] < 0.99999
-
-
-def test_corpus_split_holds_development_texts_back_from_the_calibration():
-    from gemma_edge.datasets import load_calibration_corpus
-    from gemma_edge.export.segment_study import DEV_EVERY, split_corpus
-
-    cal, dev = split_corpus()
-    rows = load_calibration_corpus()
-    assert len(cal) + len(dev) == len(rows) and len(dev) == -(-len(rows) // DEV_EVERY)
-    assert not {r["id"] for r in cal} & {r["id"] for r in dev}
-    assert len({r["lang"] for r in dev}) == len({r["lang"] for r in rows})  # every language
-
-
 def test_segmented_runner_explains_broken_artifacts(tiny_artifacts, tmp_path):
     import shutil
 
@@ -218,36 +169,6 @@ def test_segmented_runner_explains_broken_artifacts(tiny_artifacts, tmp_path):
         shutil.copy(tiny_artifacts / name, tmp_path / name)
     with pytest.raises(ArtifactError, match="host.npz: cannot read the segment constants"):
         SegmentedRunner(tmp_path, graph, BUCKET, never_opened)
-
-
-def test_range_statistics_of_the_calibration(tiny_core, calibration):
-    """Ranges from the samples' own ranges: max >= median, each graph still fully int8."""
-    from ai_edge_litert.interpreter import Interpreter
-
-    from gemma_edge.export import segments as seg
-    from gemma_edge.export.quantize import RangeStatistic, check_fully_int8
-    from gemma_edge.export.segment_build import quantize_segment
-
-    samples = calibration[BUCKET][:4]
-    scales = seg.measure_scales(tiny_core, samples)
-    segments = seg.layer_segments(tiny_core, BUCKET, scales)
-    feeds = seg.segment_inputs(tiny_core, scales, samples)[(0, "mlp")]
-    assert len(feeds) == 4
-    out_scale = {}
-    for ranges in (RangeStatistic.MAX, RangeStatistic.MEDIAN, RangeStatistic.MOVING_AVERAGE,
-                   RangeStatistic.MSE):
-        data = quantize_segment("mlp", segments[0][1], BUCKET, tiny_core.spec.hidden_size, feeds,
-                                ranges)
-        check_fully_int8(data)
-        interp = Interpreter(model_content=data)
-        # the gate projection's output: its range differs from sample to sample (the
-        # segment's outputs are normalised per channel over these same samples)
-        gate = next(op for op in interp._get_ops_details() if op["op_name"] == "CONV_2D")
-        out_scale[ranges] = interp._get_tensor_details(gate["outputs"][0], 0)["quantization"][0]
-    assert out_scale[RangeStatistic.MAX] > out_scale[RangeStatistic.MEDIAN] > 0
-    assert out_scale[RangeStatistic.MAX] >= out_scale[RangeStatistic.MOVING_AVERAGE] > 0
-    # MSE only ever shrinks the moving-average range
-    assert 0 < out_scale[RangeStatistic.MSE] <= out_scale[RangeStatistic.MOVING_AVERAGE] * 1.0001
 
 
 def test_profiler_calibration_equals_the_tensor_copying_one(tiny_core, calibration):
@@ -280,24 +201,6 @@ def test_profiler_calibration_equals_the_tensor_copying_one(tiny_core, calibrati
                 np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7, err_msg=name)
 
 
-def test_mse_range_clips_a_lone_outlier_and_keeps_a_dense_range():
-    from gemma_edge.export.ranges import best_ratio
-
-    rng = np.random.default_rng(0)
-    dense = rng.uniform(-1.0, 1.0, 20000).astype(np.float32)
-    weights = np.ones_like(dense)
-    assert best_ratio(dense, weights, float(dense.min()), float(dense.max())) == 1.0
-    # one outlier among two million small values (a subsample, each standing for 100)
-    spiky = np.concatenate([rng.normal(0.0, 0.05, 20000), [5.0]]).astype(np.float32)
-    weights = np.full_like(spiky, 100.0)
-    weights[-1] = 1.0
-    ratio = best_ratio(spiky, weights, -5.0, 5.0)
-    assert ratio < 0.5
-    # the weights count: the outlier standing for many values keeps the range wider
-    weights[-1] = 1e5
-    assert best_ratio(spiky, weights, -5.0, 5.0) > ratio
-
-
 def test_embedder_runs_compiled_segments_through_the_edgetpu_route(tiny_artifacts, tmp_path,
                                                                    monkeypatch):
     """backend auto -> Edge TPU when compiled segments and a device exist. No Coral here:
@@ -309,6 +212,7 @@ def test_embedder_runs_compiled_segments_through_the_edgetpu_route(tiny_artifact
     from ai_edge_litert.interpreter import Interpreter
 
     from gemma_edge.device import Embedder, edgetpu
+    from gemma_edge.manifest import describe_files
 
     art = tmp_path / "art"
     shutil.copytree(tiny_artifacts, art)
@@ -320,6 +224,7 @@ def test_embedder_runs_compiled_segments_through_the_edgetpu_route(tiny_artifact
         shutil.copy(art / name, art / target)
         compiled.append(target)
     manifest["graphs"].append(dict(source, role="edgetpu-compiled", segments=compiled))
+    manifest["files"].update(describe_files(art, compiled))  # verified at their first open
     (art / "manifest.json").write_text(json.dumps(manifest))
     opened = []
 
@@ -502,7 +407,7 @@ def test_two_range_gelu_product_is_exact_in_float_and_fully_int8(tiny_core, cali
     from gemma_edge.compile.mapper import analyze
     from gemma_edge.device.segmented import _Segment
     from gemma_edge.export import segments as seg
-    from gemma_edge.export.coral_encoder import gelu_sigmoid
+    from gemma_edge.export.coral_ops import apply_conv, gelu_sigmoid
     from gemma_edge.export.quantize import check_fully_int8
     from gemma_edge.export.segment_build import (
         FLOAT_EQUALITY,
@@ -533,7 +438,7 @@ def test_two_range_gelu_product_is_exact_in_float_and_fully_int8(tiny_core, cali
     mlp = split_segments[0][1]
     b = torch.from_numpy(feeds["split"][0]["b"])
     with torch.no_grad():
-        coarse = gelu_sigmoid(seg._apply(mlp.gate[0], b)) * seg._apply(mlp.up[0], b)
+        coarse = gelu_sigmoid(apply_conv(mlp.gate[0], b)) * apply_conv(mlp.up[0], b)
     assert (coarse.abs() > mlp.split).any() and (coarse.abs() <= mlp.split).float().mean() > 0.5
 
     errors = {}
@@ -566,38 +471,3 @@ def test_two_range_gelu_product_is_exact_in_float_and_fully_int8(tiny_core, cali
     assert errors["split"] < errors["one"], errors
 
 
-def test_tensor_snr_follows_the_error_through_a_segment(tiny_checkpoint, tiny_artifacts):
-    """segment-study --tensor-snr: every op output of the int8 segment against the float
-    graph of the same segment; the error is small at the first projection and the
-    report covers the whole chain down to the output."""
-    from gemma_edge.errors import InputError
-    from gemma_edge.export.segment_study import tensor_study
-    from gemma_edge.export.segments import Smoothing
-    from gemma_edge.export.tensor_snr import format_table
-
-    tables = tensor_study(str(tiny_checkpoint), tiny_artifacts, BUCKET, Smoothing(), 4, 4,
-                          ["mlp"], [0])
-    rows = tables["layer 00 / mlp"]
-    ops = [r.op for r in rows]
-    # the last op joins the two ranges' partial outputs for the host
-    assert ops[0] == "CONV_2D" and ops.count("CONV_2D") == 5 and ops[-1] == "CONCATENATION"
-    assert all(np.isfinite(r.snr_db) for r in rows)
-    assert rows[0].snr_db > 25.0, rows[0]            # one int8 rounding of a projection
-    assert 5.0 < rows[-1].snr_db < rows[0].snr_db    # the output carries the whole chain
-    text = format_table("layer 00 / mlp", rows)
-    assert "CONV_2D" in text and len(text.splitlines()) == len(rows) + 2
-    with pytest.raises(InputError, match="layers 0-"):
-        tensor_study(str(tiny_checkpoint), tiny_artifacts, BUCKET, Smoothing(), 4, 4,
-                     ["mlp"], [99])
-
-
-def test_tensor_snr_needs_documents_that_fill_the_bucket(tiny_artifacts):
-    """--tensor-snr compares tensors over held-out documents cut to the bucket; a bucket
-    longer than every document is refused with what to do, not run on padding."""
-    from gemma_edge.errors import InputError
-    from gemma_edge.export.segment_study import full_bucket_inputs
-
-    inputs = full_bucket_inputs(tiny_artifacts, BUCKET, 2)
-    assert len(inputs) == 2 and all(x["pool"][0, 0].sum() == BUCKET for x in inputs)
-    with pytest.raises(InputError, match="no held-out document has 100000 tokens"):
-        full_bucket_inputs(tiny_artifacts, 100000, 2)

@@ -1,4 +1,5 @@
-"""The Edge TPU-shaped encoder: same function as BucketEncoder, ops edgetpu_compiler maps."""
+"""research/coral_graph.py: the single-graph Edge TPU-shaped encoder, same function as
+BucketEncoder, ops edgetpu_compiler maps."""
 
 from __future__ import annotations
 
@@ -12,13 +13,13 @@ import torch
 
 from gemma_edge.device.packing import bucket_inputs
 from gemma_edge.export.checkpoint import load_checkpoint
-from gemma_edge.export.coral_encoder import (
+from gemma_edge.export.encoder import BucketEncoder, EncoderCore, EncoderSpec, build_encoder
+from research.coral_graph import (
     CoralBucketEncoder,
     CoralCore,
     build_coral_graph,
     synthetic_calibration,
 )
-from gemma_edge.export.encoder import BucketEncoder, EncoderCore, EncoderSpec, build_encoder
 
 
 @pytest.fixture(scope="module")
@@ -84,6 +85,7 @@ def test_grouped_query_attention_and_dense_bias():
     assert cos.min() >= 0.99999, cos
 
 
+@pytest.mark.slow
 def test_full_int8_graph_maps_on_the_edge_tpu(tiny_core, tmp_path):
     from gemma_edge.compile.mapper import analyze
     from gemma_edge.export.quantize import tensor_dtype_census
@@ -124,11 +126,13 @@ def test_full_int8_graph_maps_on_the_edge_tpu(tiny_core, tmp_path):
     assert out.dtype == np.int8 and out.shape == (1, 1, core.dense[-1].out_features)
 
 
+@pytest.mark.slow
 def test_coral_graph_cli_then_check(tiny_checkpoint, tmp_path, capsys):
     from gemma_edge.cli import main
+    from research.cli import main as research
 
     out = tmp_path / "coral_16.tflite"
-    assert main(["coral-graph", "--checkpoint", str(tiny_checkpoint), "--seq-len", "16",
+    assert research(["coral-graph", "--checkpoint", str(tiny_checkpoint), "--seq-len", "16",
                  "--out", str(out)]) == 0
     assert main(["check", str(out), "--json"]) == 0
     text = capsys.readouterr().out

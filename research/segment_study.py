@@ -1,10 +1,13 @@
-"""`gemma-edge segment-study`: the measurements behind the segments' recipe.
+"""Research: the measurements behind the segments' recipe (``segment-study``).
 
-Builds one bucket's int8 segments with a chosen smoothing and calibration size,
+Builds one bucket's int8 segments with a chosen recipe and calibration size,
 quantises only the segment kinds asked for (the others stay float PyTorch), and
-prints the cosine of the result to the float encoder on held-out texts. This is
-how the table in docs/quantization.md was measured; the export itself uses
-``segments.build_segmented`` with the defaults.
+prints the cosine of the result to the float encoder on held-out texts (or on
+corpus texts held back from the calibration, for choosing). This is how the table
+in docs/quantization.md was measured; the export itself uses the recipe's defaults
+(``gemma_edge.export.segment_build.SegmentBuild``). From a checkout::
+
+    python -m research segment-study --checkpoint DIR --artifacts ART --seq-len 128
 """
 
 from __future__ import annotations
@@ -18,18 +21,17 @@ import numpy as np
 
 from gemma_edge.device.embedder import document_text
 
-from .quantize import RangeStatistic  # numpy only at import time
+from .ranges import RangeStatistic, range_function  # numpy only at import time
 
-# torch, litert-torch and ai-edge-quantizer are imported inside the functions: the CLI
-# registers this command on every start, also where only the device runtime exists.
+# torch, litert-torch and ai-edge-quantizer are imported inside the functions: the
+# parser is built without them.
 
 
 def heldout_inputs(art_dir: Path, seq_len: int, count: int) -> list[dict[str, np.ndarray]]:
     """Half queries, half documents of the held-out set, one text per bucket."""
     from gemma_edge.datasets import load_heldout
     from gemma_edge.device import Embedder
-
-    from .calibration import _inputs
+    from gemma_edge.export.calibration import _inputs
 
     emb = Embedder(art_dir, backend="cpu", precision="float")
     queries, docs = load_heldout()
@@ -59,7 +61,7 @@ def corpus_dev_inputs(emb: Any, seq_len: int, count: int,
     calibration picks its single texts (``calibration.bucket_texts``; the longer texts,
     cut, after them), spread over the languages in corpus order. ``emb``: a float
     Embedder of the export."""
-    from .calibration import _inputs, bucket_texts, corpus_token_ids
+    from gemma_edge.export.calibration import _inputs, bucket_texts, corpus_token_ids
 
     served, longer = bucket_texts(corpus_token_ids(emb, rows), seq_len, emb.buckets)
     fits = served + longer
@@ -75,8 +77,7 @@ def full_bucket_inputs(art_dir: Path, seq_len: int, count: int) -> list[dict[str
     from gemma_edge.datasets import load_heldout
     from gemma_edge.device import Embedder
     from gemma_edge.errors import InputError
-
-    from .calibration import _inputs, cut_to_bucket
+    from gemma_edge.export.calibration import _inputs, cut_to_bucket
 
     emb = Embedder(art_dir, backend="cpu", precision="float")
     _, docs = load_heldout()
@@ -115,12 +116,11 @@ def _study(checkpoint: str, art_dir: Path, seq_len: int, smoothing: Any,
 
     from gemma_edge.device import Embedder
     from gemma_edge.device.segmented import _Segment
-
-    from . import segments as seg
-    from .calibration import calibration_from, calibration_set
-    from .checkpoint import load_checkpoint
-    from .encoder import BucketEncoder, build_encoder
-    from .segment_build import quantize_segment
+    from gemma_edge.export import segments as seg
+    from gemma_edge.export.calibration import calibration_from, calibration_set
+    from gemma_edge.export.checkpoint import load_checkpoint
+    from gemma_edge.export.encoder import BucketEncoder, build_encoder
+    from gemma_edge.export.segment_build import quantize_segment
 
     core, _ = build_encoder(load_checkpoint(checkpoint))
     if eval_texts == "corpus":
@@ -142,7 +142,7 @@ def _study(checkpoint: str, art_dir: Path, seq_len: int, smoothing: Any,
             if kind not in kinds:
                 continue
             data = quantize_segment(kind, segments[i][KINDS.index(kind)], seq_len, hidden,
-                                    feeds, ranges)
+                                    feeds, range_function(ranges))
             path = Path(tmp) / f"{kind}_{i}.tflite"
             path.write_bytes(data)
             int8[(i, kind)] = _Segment(Interpreter(model_path=str(path), num_threads=2), str(path))
@@ -178,12 +178,13 @@ def tensor_study(checkpoint: str, art_dir: Path, seq_len: int, smoothing: Any,
     enter; no padding rows, whose values nothing reads)."""
     import torch
 
-    from . import segments as seg
-    from .calibration import calibration_set
-    from .checkpoint import load_checkpoint
-    from .encoder import build_encoder
-    from .segment_build import quantize_float_segment
-    from .segment_graph import float_segment
+    from gemma_edge.export import segments as seg
+    from gemma_edge.export.calibration import calibration_set
+    from gemma_edge.export.checkpoint import load_checkpoint
+    from gemma_edge.export.encoder import build_encoder
+    from gemma_edge.export.segment_build import quantize_float_segment
+    from gemma_edge.export.segment_graph import float_segment
+
     from .tensor_snr import tensor_snr
 
     with torch.no_grad():
@@ -203,7 +204,8 @@ def tensor_study(checkpoint: str, art_dir: Path, seq_len: int, smoothing: Any,
             for kind in kinds:
                 module = segments[i][KINDS.index(kind)]
                 graph = float_segment(kind, module, seq_len, core.spec.hidden_size)
-                int8 = quantize_float_segment(graph, cal_inputs[(i, kind)], ranges)
+                int8 = quantize_float_segment(graph, cal_inputs[(i, kind)],
+                                              range_function(ranges))
                 out[f"layer {i:02d} / {kind}"] = tensor_snr(graph, int8, eval_inputs[(i, kind)])
     return out
 
@@ -234,11 +236,8 @@ def _kinds(text: str) -> list[str]:
 def _run(args: Any) -> int:
     import json
 
-    from .segments import Smoothing
+    from gemma_edge.export.segments import Smoothing
 
-    if args.mlp_groups < 1:
-        from gemma_edge.errors import InputError
-        raise InputError(f"--mlp-groups {args.mlp_groups}: at least 1")
     if args.texts < 1:
         from gemma_edge.errors import InputError
         raise InputError(f"--texts {args.texts}: at least 1 text to compare")
@@ -250,19 +249,19 @@ def _run(args: Any) -> int:
     if args.mlp_host_sum is None:
         args.mlp_host_sum = default.mlp_host_sum
     alphas = args.smoothing or [default.attn_in, default.v, default.ff_in, default.act]
-    if args.mlp_split is None:  # the export's, unless channel groups replace it
-        args.mlp_split = 0.0 if args.mlp_groups > 1 else default.mlp_split
-    if not 0.0 <= args.mlp_split < 1.0 or (args.mlp_split and args.mlp_groups > 1):
+    if args.mlp_split is None:
+        args.mlp_split = default.mlp_split
+    if not 0.0 <= args.mlp_split < 1.0:
         from gemma_edge.errors import InputError
         raise InputError(f"--mlp-split {args.mlp_split}: a fraction in [0, 1) of the GELU "
-                         "product's range (0: one int8 tensor), with --mlp-groups 1")
+                         "product's range (0: one int8 tensor)")
     if args.softmax_split is None:
         args.softmax_split = default.softmax_split
     if not 0.0 <= args.softmax_split < 1.0:
         from gemma_edge.errors import InputError
         raise InputError(f"--softmax-split {args.softmax_split}: a fraction in [0, 1) of the "
                          "softmax row maximum (0: one int8 tensor)")
-    smoothing = Smoothing(*alphas, mlp_groups=args.mlp_groups, mlp_host_sum=args.mlp_host_sum,
+    smoothing = Smoothing(*alphas, mlp_host_sum=args.mlp_host_sum,
                           mlp_split=args.mlp_split, softmax_split=args.softmax_split,
                           softmax_split_from=(default.softmax_split_from
                                               if args.softmax_split_from is None
@@ -296,11 +295,9 @@ def register(sub: Any) -> None:
     p.add_argument("--smoothing", type=_alphas, default=None,
                    help="SmoothQuant alphas: attention input, V, MLP input, GELU product "
                         "(default: the export's)")
-    p.add_argument("--mlp-groups", type=int, default=1,
-                   help="channel groups of the MLP's GELU product (1: one int8 scale)")
     p.add_argument("--mlp-host-sum", action=argparse.BooleanOptionalAction, default=None,
                    help="the MLP segment returns its partial outputs (the two ranges of "
-                        "--mlp-split, or the --mlp-groups) and the host adds them in float "
+                        "--mlp-split) and the host adds them in float "
                         "(--no-mlp-host-sum: an int8 ADD in the graph; default: the export's)")
     p.add_argument("--mlp-split", type=float, default=None,
                    help="two-range GELU product: the fine int8 tensor saturates at this "

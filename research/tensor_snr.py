@@ -1,6 +1,7 @@
-"""Where inside one int8 segment the error appears: SNR of every tensor against float.
+"""Research: where inside one int8 segment the error appears, SNR of every tensor.
 
-The end-to-end studies (``segment-study``) say how much a recipe loses; fake-quantisation
+Run through ``python -m research segment-study --tensor-snr LAYERS``. The end-to-end
+studies (``segment-study``) say how much a recipe loses; fake-quantisation
 simulations in PyTorch said *where*, and twice they were wrong about the real graphs
 (docs/quantization.md: the two-range products). This reads the real graphs instead: the
 float TFLite conversion of a segment and its int8 quantisation run side by side on the

@@ -1,4 +1,13 @@
-"""EmbeddingGemma shaped for the Coral Edge TPU compiler (edgetpu_compiler 16).
+"""Research: EmbeddingGemma as ONE fully int8 graph shaped for the Edge TPU compiler.
+
+Not what the export ships: the export ships per-layer segments
+(``gemma_edge.export.segments``), because as one int8 graph the encoder does not keep
+its quality (held-out cosine 0.50, docs/quantization.md). This exists so that the
+comparison census in docs/edgetpu.md can be re-run from a checkout::
+
+    python -m research coral-graph --checkpoint DIR --seq-len 256 \
+        --out build/coral_256.tflite --placeholder-ranges
+    gemma-edge check build/coral_256.tflite
 
 ``CoralBucketEncoder`` computes the same function as ``encoder.BucketEncoder``
 (same inputs, same L2-normalised output, same ``EncoderCore`` weights; equal in
@@ -43,16 +52,25 @@ form ``gemma-edge check`` / ``compile.mapper.analyze`` and edgetpu_compiler take
 
 from __future__ import annotations
 
+import argparse
 import gc
-import math
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import numpy as np
 import torch
 from torch import nn
 
-from .encoder import (
+from gemma_edge.export.coral_ops import (
+    DEFAULT_MAX_PRODUCT,
+    apply_conv,
+    conv1x1,
+    gelu_sigmoid,
+    rms,
+    rotate_half,
+    row_blocks,
+)
+from gemma_edge.export.encoder import (
     DEFAULT_MASK_PENALTY,
     EncoderCore,
     EncoderLayer,
@@ -60,45 +78,9 @@ from .encoder import (
     rope_tables,
 )
 
-GELU_C1 = 2.0 * math.sqrt(2.0 / math.pi)  # sigmoid(2z) == 0.5 (1 + tanh(z))
-GELU_C2 = GELU_C1 * 0.044715
 # The mask penalty of the Edge TPU graph: scores stay within +-35 on EmbeddingGemma, so
 # exp(-60) == 0 in any 8-bit softmax while the int8 range of the scores stays usable.
 CORAL_MASK_PENALTY = 60.0
-# Largest attention product (elements = int8 bytes) one MUL may materialise: the Edge TPU
-# keeps an op's activations in its ~8 MB of SRAM next to the cached parameters.
-DEFAULT_MAX_PRODUCT = 1 << 20
-
-
-def _conv(weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> nn.Conv2d:
-    """A 1x1 convolution with the weights of a Linear ``[out, in]``."""
-    out_ch, in_ch = weight.shape
-    conv = nn.Conv2d(in_ch, out_ch, 1, bias=bias is not None)
-    conv.weight = nn.Parameter(weight.detach().float().reshape(out_ch, in_ch, 1, 1).contiguous(),
-                               requires_grad=False)
-    if bias is not None:
-        conv.bias = nn.Parameter(bias.detach().float().contiguous(), requires_grad=False)
-    return conv
-
-
-def _apply(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
-    """1x1 conv of ``x [1, 1, T, C]`` (NHWC); the two permutes cancel the converter's."""
-    return conv(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
-
-
-def gelu_sigmoid(x: torch.Tensor) -> torch.Tensor:
-    """GELU-tanh as ``x * sigmoid(x * (c1 + c2 * x^2))``: MUL/ADD/LOGISTIC (module doc)."""
-    return x * torch.sigmoid(x * (GELU_C1 + GELU_C2 * x * x))
-
-
-def _rms(x: torch.Tensor, eps: float) -> torch.Tensor:
-    """x / rms(x) over the last axis, no gain."""
-    return x * torch.rsqrt((x * x).mean(-1, keepdim=True) + eps)
-
-
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat([x[..., half:], x[..., :half]], dim=-1)
 
 
 class CoralLayer(nn.Module):
@@ -110,11 +92,11 @@ class CoralLayer(nn.Module):
         self.intermediate = layer.intermediate
         self.eps = layer.input_norm.eps
         g_in = layer.input_norm.gain.detach().double()
-        self.qkv = _conv(layer.qkv_proj.weight.detach().double() * g_in)
-        self.o = _conv(layer.o_proj.weight)
+        self.qkv = conv1x1(layer.qkv_proj.weight.detach().double() * g_in)
+        self.o = conv1x1(layer.o_proj.weight)
         g_ff = layer.pre_ff_norm.gain.detach().double()
-        self.gate_up = _conv(layer.gate_up_proj.weight.detach().double() * g_ff)
-        self.down = _conv(layer.down_proj.weight)
+        self.gate_up = conv1x1(layer.gate_up_proj.weight.detach().double() * g_ff)
+        self.down = conv1x1(layer.down_proj.weight)
         # q gain includes the 1/sqrt(query_pre_attn_scalar) score scale; the k gain is
         # negated so the scores come out as -s (what the REDUCE_MIN softmax wants).
         self.q_gain = nn.Parameter(layer.q_norm.gain.detach().clone(), requires_grad=False)
@@ -123,24 +105,6 @@ class CoralLayer(nn.Module):
                                       requires_grad=False)
         self.ff_gain = nn.Parameter(layer.post_ff_norm.gain.detach().clone(), requires_grad=False)
 
-    @staticmethod
-    def _blocks(rows: torch.Tensor, other: torch.Tensor, axis: int, max_product: int
-                ) -> torch.Tensor:
-        """``(rows * other).sum(axis)`` over row blocks of at most ``max_product`` products.
-
-        rows [1, R, a, b] broadcast against other [1, 1, c, d]: the product
-        [1, R, T, D] is the only place the graph materialises T * T * D numbers;
-        the Edge TPU must hold an op's activations on chip (compiler 16 fails with
-        "large activation tensors in model" otherwise), so it is cut into blocks
-        of query rows, each its own MUL + SUM, concatenated back.
-        """
-        total, per_row = rows.shape[1], other.shape[2] * other.shape[3]
-        block = max(1, min(total, max_product // per_row))
-        if block >= total:
-            return (rows * other).sum(axis)
-        return torch.cat([(rows[:, a:a + block] * other).sum(axis)
-                          for a in range(0, total, block)], dim=1)
-
     def attention(self, h: torch.Tensor, cos_q: torch.Tensor, sin_q: torch.Tensor,
                   cos_k: torch.Tensor, sin_k: torch.Tensor, neg_bias: torch.Tensor,
                   max_product: int) -> torch.Tensor:
@@ -148,18 +112,18 @@ class CoralLayer(nn.Module):
         hd, heads, kv = self.head_dim, self.num_heads, self.num_kv
         group = heads // kv
         seq = h.shape[2]
-        qkv = _apply(self.qkv, h)
+        qkv = apply_conv(self.qkv, h)
         outs = []
         for g in range(kv):
             q = qkv[..., g * group * hd:(g + 1) * group * hd].reshape(1, seq, group, hd)
-            q = _rms(q, self.eps) * self.q_gain
-            q = q * cos_q + _rotate_half(q) * sin_q                  # [1, T, G, D]
+            q = rms(q, self.eps) * self.q_gain
+            q = q * cos_q + rotate_half(q) * sin_q                  # [1, T, G, D]
             k_at = (heads + g) * hd
-            k = _rms(qkv[..., k_at:k_at + hd], self.eps) * self.k_gain
-            k = k * cos_k + _rotate_half(k) * sin_k                  # [1, 1, T, D], = -k
+            k = rms(qkv[..., k_at:k_at + hd], self.eps) * self.k_gain
+            k = k * cos_k + rotate_half(k) * sin_k                  # [1, 1, T, D], = -k
             v_at = (heads + kv + g) * hd
             v = qkv[..., v_at:v_at + hd]                             # [1, 1, T, D]
-            neg = self._blocks(q.reshape(1, seq * group, 1, hd), k, -1, max_product)
+            neg = row_blocks(q.reshape(1, seq * group, 1, hd), k, -1, max_product)
             neg = neg.reshape(1, seq, group, seq) + neg_bias         # [1, T, G, T]
             low = torch.amin(neg, -1, keepdim=True)                  # -max(scores)
             # exp(s - max s) = exp(-y), y = neg - low >= 0: sigmoid(-y) / sigmoid(y)
@@ -167,19 +131,19 @@ class CoralLayer(nn.Module):
             e = torch.sigmoid(low - neg) * r * r
             d = torch.rsqrt(e.sum(-1, keepdim=True))                 # row sums in [1, T]
             p = (e * d * d).reshape(1, seq * group, seq, 1)
-            o = self._blocks(p, v, 2, max_product)                   # [1, T*G, D]
+            o = row_blocks(p, v, 2, max_product)                   # [1, T*G, D]
             outs.append(o.reshape(1, 1, seq, group * hd))
         return outs[0] if kv == 1 else torch.cat(outs, dim=-1)
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, ...], neg_bias: torch.Tensor,
                 max_product: int) -> torch.Tensor:
-        attn = _apply(self.o, self.attention(_rms(x, self.eps), *rope, neg_bias, max_product))
-        x = x + _rms(attn, self.eps) * self.attn_gain
-        gate_up = _apply(self.gate_up, _rms(x, self.eps))
+        attn = apply_conv(self.o, self.attention(rms(x, self.eps), *rope, neg_bias, max_product))
+        x = x + rms(attn, self.eps) * self.attn_gain
+        gate_up = apply_conv(self.gate_up, rms(x, self.eps))
         gate, up = gate_up[..., :self.intermediate], gate_up[..., self.intermediate:]
         act = gelu_sigmoid(gate) * up
-        mlp = _apply(self.down, act)
-        return x + _rms(mlp, self.eps) * self.ff_gain
+        mlp = apply_conv(self.down, act)
+        return x + rms(mlp, self.eps) * self.ff_gain
 
 
 class CoralCore(nn.Module):
@@ -197,7 +161,7 @@ class CoralCore(nn.Module):
             w = d.weight.detach().double()
             if i == 0:
                 w = w * g_f  # pooling is a sum over tokens: the final gain commutes with it
-            dense.append(_conv(w, d.bias))
+            dense.append(conv1x1(w, d.bias))
         self.dense = nn.ModuleList(dense)
         self.final_gain = None
         if not dense:
@@ -249,7 +213,7 @@ class CoralBucketEncoder(nn.Module):
         for layer, sliding in zip(core.layers, self.is_sliding):
             x = layer(x, local if sliding else glob, neg_local if sliding else neg_full,
                       self.max_product)
-        x = _rms(x, core.eps)
+        x = rms(x, core.eps)
         if core.final_gain is not None:
             x = x * core.final_gain
         slots = pool.shape[1]
@@ -260,7 +224,7 @@ class CoralBucketEncoder(nn.Module):
             pooled = pooled * inv * inv
         y = pooled.reshape(1, 1, slots, -1)
         for dense in core.dense:
-            y = _apply(dense, y)
+            y = apply_conv(dense, y)
         norm = torch.rsqrt(torch.clamp((y * y).sum(-1, keepdim=True), min=1e-24))
         return (y * norm).reshape(1, slots, -1)
 
@@ -306,8 +270,7 @@ def _quantize_placeholder_ranges(content: bytes, signature: str) -> bytes:
     from ai_edge_quantizer import quantizer, recipe
 
     from gemma_edge.errors import QuantizationError
-
-    from .quantize import model_tensors
+    from gemma_edge.export.quantize import model_tensors
 
     ranges = {}
     for root, t in model_tensors(content):
@@ -342,10 +305,9 @@ def build_coral_graph(core: EncoderCore | CoralCore, seq_len: int, out_path: Pat
     fit in memory (EmbeddingGemma at 256 tokens: > 19 GB); not for inference.
     Writes ``out_path`` (signature ``encode_<T>``) atomically and returns it.
     """
+    from gemma_edge.export.convert import convert_buckets, signature_name
+    from gemma_edge.export.quantize import Approach, QuantConfig, quantize_graph
     from gemma_edge.manifest import atomic_write_bytes
-
-    from .convert import convert_buckets, signature_name
-    from .quantize import Approach, QuantConfig, quantize_graph
 
     hidden = core.spec.hidden_size
     module = CoralBucketEncoder(core, seq_len, mask_penalty, pool_slots, max_product).eval()
@@ -366,3 +328,41 @@ def build_coral_graph(core: EncoderCore | CoralCore, seq_len: int, out_path: Pat
     out_path = Path(out_path)
     atomic_write_bytes(out_path, quantized)
     return out_path
+
+
+def _run(args: argparse.Namespace) -> int:
+    from gemma_edge.export.checkpoint import load_checkpoint
+    from gemma_edge.export.encoder import build_encoder
+
+    core, _ = build_encoder(load_checkpoint(args.checkpoint))
+    calibration = None
+    if args.calibration_artifacts and not args.placeholder_ranges:
+        from gemma_edge.export.calibration import calibration_set
+
+        calibration = calibration_set(args.calibration_artifacts, [args.seq_len],
+                                      args.calibration_samples)[args.seq_len]
+        calibration = [{**s, "pool": s["pool"][:, :args.pool_slots]} for s in calibration]
+    path = build_coral_graph(core, args.seq_len, args.out, calibration=calibration,
+                             pool_slots=args.pool_slots,
+                             placeholder_ranges=args.placeholder_ranges)
+    print(f"wrote {path}; map it with: gemma-edge check {path}")
+    return 0
+
+
+def register(sub: Any) -> None:
+    """``coral-graph``: one bucket of the single-graph encoder, for ``gemma-edge check``."""
+    p = sub.add_parser("coral-graph",
+                       help="single-graph Coral-shaped int8 encoder for one bucket "
+                            "(comparison census; the export ships per-layer segments)")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--pool-slots", type=int, default=1)
+    p.add_argument("--calibration-artifacts", type=Path, default=None,
+                   help="an export whose tokenizer/table turn the corpus into calibration "
+                        "inputs (default: synthetic inputs)")
+    p.add_argument("--calibration-samples", type=int, default=8)
+    p.add_argument("--placeholder-ranges", action="store_true",
+                   help="skip calibration (structure only: for `gemma-edge check` where "
+                        "calibration does not fit in memory; not for inference)")
+    p.set_defaults(func=_run)

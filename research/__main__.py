@@ -1,0 +1,7 @@
+"""``python -m research``: the research subcommands (research/README.md)."""
+
+import sys
+
+from research.cli import main
+
+sys.exit(main())
