@@ -209,8 +209,8 @@ def _optional_subcommands() -> list[Callable[[Any], None]]:
     import importlib
 
     found = []
+    # (the research tools are not here: `python -m research` from a checkout)
     for module in ("gemma_edge.export.evaluate", "gemma_edge.export.calibration",
-                   "gemma_edge.export.coral_cli", "gemma_edge.export.segment_study",
                    "gemma_edge.compile.cli",
                    "gemma_edge.device.bench", "gemma_edge.device.apps",
                    "gemma_edge.device.serve_cli"):
