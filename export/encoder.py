@@ -6,7 +6,8 @@ the whole model) and PT2E cannot trace it. This module computes the same
 function with ops that convert exactly:
 
 - the token-embedding lookup stays on the host (the 262144 x 768 table is 805 MB
-  in float32; the device memory-maps it), so the graph starts from embedding rows;
+  in float32; the device reads the rows it needs from disk, device/table.py), so the
+  graph starts from embedding rows;
 - attention is written per head with plain matmuls and an *additive* bias built
   from a 0/1 visibility mask input (no boolean ops, no -inf);
 - RoPE cos/sin tables and the sliding-window band are constants per bucket;
