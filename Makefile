@@ -1,5 +1,6 @@
 # gemma-edge: two commands set up and run the main job (`make export`), one runs the tests
-# (`make test`). Every target creates the virtualenv and installs what is missing first.
+# (`make test`; `make test-fast` leaves out the tests that convert graphs, for the edit
+# loop). Every target creates the virtualenv and installs what is missing first.
 
 PYTHON      ?= python3
 VENV        ?= .venv
@@ -11,7 +12,7 @@ OUT         ?= build/artifacts
 MODEL       ?= $(OUT)
 STAMP       := $(VENV)/.gemma-edge-installed
 
-.PHONY: setup export test demo calibration eval compile compile-docker bench latency-check lint clean
+.PHONY: setup export test test-fast demo calibration eval compile compile-docker bench latency-check lint clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -25,8 +26,11 @@ setup: $(STAMP)
 export: $(STAMP)  ## checkpoint -> verified float + int8 TFLite artifacts in $(OUT)
 	$(BIN)/gemma-edge export --checkpoint "$(CHECKPOINT)" --out "$(OUT)"
 
-test: $(STAMP)
+test: $(STAMP)  ## every test (what CI runs)
 	$(BIN)/python -m pytest -q
+
+test-fast: $(STAMP)  ## the edit loop: every test but those that convert TFLite graphs (marked slow)
+	$(BIN)/python -m pytest -q -m "not slow"
 
 demo: $(STAMP)  ## whole pipeline offline on a tiny random Gemma3 built in code
 	$(BIN)/gemma-edge demo --workdir build/demo

@@ -1,7 +1,9 @@
 """Shared fixtures: a tiny random EmbeddingGemma checkpoint and its exported artifacts.
 
 Built once per test session in a temp folder (about 20 s on 2 cores); no test
-needs the real 1.2 GB checkpoint or the network.
+needs the real 1.2 GB checkpoint or the network. Tests that convert TFLite graphs are
+marked ``slow`` (explicitly, or here by using the tiny export): ``make test-fast`` (pytest
+-m "not slow") leaves them out, ``make test`` runs everything.
 """
 
 from __future__ import annotations
@@ -22,6 +24,16 @@ os.environ["GEMMA_EDGE_CACHE_DIR"] = tempfile.mkdtemp(prefix="gemma-edge-test-ca
 atexit.register(shutil.rmtree, os.environ["GEMMA_EDGE_CACHE_DIR"], ignore_errors=True)
 
 TINY_BUCKETS = (16, 32, 64)
+# Fixtures whose set-up converts graphs (the tiny model's export, directly or through
+# another fixture): a test that uses one is slow whatever it does itself.
+CONVERTING_FIXTURES = frozenset({"tiny_artifacts"})
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Mark ``slow`` every test whose fixtures (transitively) include a converting one."""
+    for item in items:
+        if CONVERTING_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
 
 
 @pytest.fixture(scope="session")

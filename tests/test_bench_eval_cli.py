@@ -245,6 +245,7 @@ def test_sensitivity_per_segment(tiny_artifacts, tiny_checkpoint):
         assert 5.0 < value["mean_snr_db"] < 80.0, report
 
 
+@pytest.mark.slow
 def test_latency_check_on_a_mid_size_model(tmp_path, capsys):
     """CI's latency check (`make latency-check`'s code path) on a 13M-parameter random
     Gemma3 encoder: large enough that weights and matmuls dominate, as on the real model,

@@ -223,6 +223,7 @@ def test_wrong_format_version(tiny_artifacts, tmp_path):
         Embedder(other, backend="cpu")
 
 
+@pytest.mark.slow
 def test_failed_verification_leaves_nothing(tiny_checkpoint, tmp_path, monkeypatch):
     from gemma_edge.export import pipeline
 
@@ -238,6 +239,7 @@ def test_failed_verification_leaves_nothing(tiny_checkpoint, tmp_path, monkeypat
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.slow
 def test_failure_while_segments_build_cancels_them_and_leaves_nothing(tiny_checkpoint, tmp_path,
                                                                       monkeypatch):
     """The Edge TPU segments start on worker processes before the float conversion; a

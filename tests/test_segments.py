@@ -73,6 +73,7 @@ def test_float_check_catches_a_wrong_rewrite(tiny_core, calibration):
         check_float(tiny_core, scales, segments, calibration[BUCKET])
 
 
+@pytest.mark.slow
 def test_export_writes_fully_int8_segments_the_embedder_runs(tiny_checkpoint, tmp_path, capsys,
                                                                caplog):
     from gemma_edge.compile.mapper import analyze
@@ -380,6 +381,7 @@ class _Folded(torch.nn.Module):
         return b * self.w + self.v * 2.0
 
 
+@pytest.mark.slow
 def test_segment_template_checks_each_graph_and_converts_when_it_differs(caplog):
     from gemma_edge.export.segment_graph import build_template, fill_checked, float_segment
 
