@@ -97,10 +97,15 @@ class CompiledGraphs:
 
     def __init__(self, api: dict[str, Any], cache_dir: Path, num_threads: int):
         self.api, self.cache_dir, self.num_threads = api, cache_dir, num_threads
-        # One LiteRT environment for all graphs. The plugin paths point at the cache dir
-        # (no vendor plugins in it), so no NPU compiler plugin is searched for and loaded.
+        # One LiteRT environment for all graphs. The plugin paths point at an empty folder
+        # of ours, so no NPU compiler plugin is searched for and loaded. Not the cache dir
+        # itself: LiteRT walks the plugin path recursively at every open, and a cache dir
+        # that holds anything large (seen: a board userland under ~/.cache/gemma-edge) made
+        # the first open take minutes.
+        no_plugins = cache_dir / "litert-no-plugins"
+        no_plugins.mkdir(exist_ok=True)
         self.environment = api["Environment"].create(options=api["EnvironmentOptions"](
-            compiler_plugin_path=str(cache_dir), dispatch_library_path=str(cache_dir)))
+            compiler_plugin_path=str(no_plugins), dispatch_library_path=str(no_plugins)))
 
     def cache_path(self, sha256: str) -> Path:
         return self.cache_dir / f"{sha256[:32]}-litert{self.api['version']}.xnnpack"

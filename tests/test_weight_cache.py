@@ -135,3 +135,27 @@ def test_graph_file_pages_released_after_open(tiny_artifacts, tmp_path, resident
         for _ in range(2):
             np.testing.assert_allclose(emb.encode_query(QUERIES), reference, atol=1e-6)
         assert resident_kib(graph_file) < graph_file.stat().st_size / 1024 / 2
+
+
+def test_plugin_search_path_is_an_empty_folder_not_the_cache(tiny_artifacts, tmp_path, monkeypatch):
+    """LiteRT walks its plugin paths recursively at every open: pointed at the cache dir,
+    whatever else lives there (a board userland under ~/.cache/gemma-edge) made the first
+    open take minutes. They must name an empty folder of the project's own."""
+    from gemma_edge.device import compiled
+
+    seen: dict = {}
+    api = dict(compiled_model_api())
+    real_options = api["EnvironmentOptions"]
+
+    def recording_options(**kwargs):
+        seen.update(kwargs)
+        return real_options(**kwargs)
+
+    api["EnvironmentOptions"] = recording_options
+    cache = tmp_path / "wc"
+    (cache / "unrelated" / "deep").mkdir(parents=True)
+    compiled.CompiledGraphs(api, cache, num_threads=1)
+    for key in ("compiler_plugin_path", "dispatch_library_path"):
+        path = os.path.realpath(seen[key])
+        assert path != os.path.realpath(cache)
+        assert os.path.isdir(path) and not os.listdir(path)
