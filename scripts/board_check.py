@@ -26,6 +26,7 @@ import hashlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -39,7 +40,7 @@ sys.path.insert(0, str(SCRIPTS))
 from gemma_edge.errors import GemmaEdgeError, InputError  # noqa: E402
 
 # Bump when a build step below changes what it produces for the same recipe.
-RECIPE_VERSION = 1
+RECIPE_VERSION = 2
 DEBIAN = {
     "suite": "bookworm", "arch": "arm64", "mirror": "http://deb.debian.org/debian",
     "variant": "extract",
@@ -154,8 +155,9 @@ def run(cmd: Sequence[str], **kwargs: Any) -> subprocess.CompletedProcess:
     out = subprocess.run(list(cmd), capture_output=True, text=True, **kwargs)
     if out.returncode:
         sys.stderr.write(out.stdout[-4000:] + out.stderr[-4000:])
-        raise GemmaEdgeError(f"`{' '.join(map(str, cmd[:4]))} ...` failed with exit code "
-                             f"{out.returncode} (output above)")
+        how = (f"was killed by {signal.Signals(-out.returncode).name}" if out.returncode < 0
+               else f"failed with exit code {out.returncode}")
+        raise GemmaEdgeError(f"`{' '.join(map(str, cmd[:4]))} ...` {how} (output above)")
     return out
 
 
@@ -174,6 +176,10 @@ def build_rootfs(recipe: dict[str, Any], target: Path) -> None:
     run(["mmdebstrap", "--quiet", f"--variant={deb['variant']}", f"--arch={deb['arch']}",
          "--include=" + ",".join(deb["packages"]), "--format=directory",
          deb["suite"], str(target), deb["mirror"]])
+    # qemu's -L looks a path up in the userland first and falls back to this machine's:
+    # the Python's site folders must exist in the userland so the host's stay unseen.
+    for site in ("usr/local/lib/python3.11/dist-packages", "usr/lib/python3/dist-packages"):
+        (target / site).mkdir(parents=True, exist_ok=True)
 
 
 def pip_platform_args(recipe: dict[str, Any]) -> list[str]:
@@ -274,12 +280,14 @@ def write_wrappers(bin_dir: Path, qemu: str, root: Path, sites: Sequence[Path],
     """``python3``, ``gemma-edge`` and ``uname`` on PATH that run the userland's arm64 programs.
 
     Why wrappers: without binfmt_misc the kernel cannot start an arm64 program, so a
-    script calls these, and each hands its program to qemu-user.
+    script calls these, and each hands its program to qemu-user. The Python's argv[0]
+    (qemu's -0) is the python3 wrapper, so its sys.executable is too and the child
+    processes it starts (gemma-edge bench runs one per precision) are emulated as well.
     """
     bin_dir.mkdir(parents=True, exist_ok=True)
     pythonpath = ":".join(str(s) for s in sites)
     emulator = f'exec "{qemu}" -cpu {cpu} -L "{root}"'
-    python = f'{emulator} "{root}/usr/bin/python3"'
+    python = f'{emulator} -0 "{bin_dir / "python3"}" "{root}/usr/bin/python3"'
     scripts = {
         "python3": f'PYTHONPATH="{pythonpath}" {python} "$@"',
         "gemma-edge": f'PYTHONPATH="{pythonpath}" {python} -m gemma_edge.cli "$@"',

@@ -54,7 +54,7 @@ def check_board_scripts(bin_dir: Path, env: dict[str, str], art: Path, work: Pat
     out = sh("setup-usb-accelerator.sh", "--dry-run", "--runtime", "tflite-runtime", env=env, cwd=cwd)
     yield ("setup-usb-accelerator.sh --runtime tflite-runtime keeps numpy<2",
            out.returncode == 0 and "-m pip install numpy<2 tflite-runtime" in out.stdout,
-           next((ln for ln in out.stdout.splitlines() if "tflite-runtime" in ln),
+           next((ln for ln in out.stdout.splitlines() if "-m pip install numpy" in ln),
                 last_line(out.stderr)))
 
     out = sh("setup-devboard.sh", "--dry-run", env=env, cwd=cwd)

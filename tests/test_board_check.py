@@ -165,7 +165,8 @@ def test_wrappers_hand_the_userland_programs_to_qemu(tmp_path: Path):
     root, qemu = tmp_path / "root", tmp_path / "qemu-aarch64-static"
     bc.write_wrappers(tmp_path / "bin", str(qemu), root, [tmp_path / "project", tmp_path / "site"])
     python = (tmp_path / "bin" / "python3").read_text(encoding="utf-8")
-    assert f'exec "{qemu}" -cpu cortex-a72 -L "{root}" "{root}/usr/bin/python3"' in python
+    wrapper = tmp_path / "bin" / "python3"
+    assert f'exec "{qemu}" -cpu cortex-a72 -L "{root}" -0 "{wrapper}" "{root}/usr/bin/python3"' in python
     assert f'PYTHONPATH="{tmp_path / "project"}:{tmp_path / "site"}"' in python
     assert "-m gemma_edge.cli" in (tmp_path / "bin" / "gemma-edge").read_text(encoding="utf-8")
     for name in ("python3", "gemma-edge", "uname"):
@@ -178,6 +179,8 @@ def test_wrappers_hand_the_userland_programs_to_qemu(tmp_path: Path):
     out = subprocess.run([str(tmp_path / "bin" / "uname"), "-m"], capture_output=True, text=True,
                          check=True)
     assert out.stdout.split() == ["-cpu", "cortex-a72", "-L", str(root), f"{root}/usr/bin/uname", "-m"]
+    out = subprocess.run([str(wrapper), "-c", "pass"], capture_output=True, text=True, check=True)
+    assert out.stdout.split()[-4:] == [str(wrapper), f"{root}/usr/bin/python3", "-c", "pass"]
 
 
 def _art(tmp_path: Path) -> Path:
