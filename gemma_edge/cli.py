@@ -88,6 +88,10 @@ def _run_export(args: argparse.Namespace) -> int:
                                 f"MRR {e['mrr']:.3f} (float {e['reference_mrr']:.3f})"
                                 for d, e in per_dim.items())
             print(f"  held-out {precision}: {figures}")
+    from .export.eval_tail import tail_warnings  # the held-out minimum (issue 20)
+
+    for line in tail_warnings(manifest.get("evaluation")):
+        print(line, file=sys.stderr)
     return 0
 
 
@@ -249,7 +253,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         try:
             return int(args.func(args) or 0)
         except GemmaEdgeError as exc:
-            captured.replay()  # what the libraries said may explain the error
+            captured.replay_errors()  # an error line of a library may explain it
             print(f"gemma-edge {args.command}: error: {exc}", file=sys.stderr)
             return exc.exit_code
         except KeyboardInterrupt:

@@ -114,6 +114,15 @@ class Capture:
         sys.stderr.write(text if text.endswith("\n") else text + "\n")
         sys.stderr.write("---- end of the libraries' output ----\n")
 
+    def replay_errors(self) -> None:
+        """Print only the captured error lines, once: for a gemma-edge error, whose own
+        message says what is wrong; the libraries' routine chatter would bury it."""
+        lines = [] if self._replayed else self.error_lines()
+        self._replayed = True
+        if lines:
+            sys.stderr.write("gemma-edge: the libraries reported (--verbose shows all their output):\n")
+            sys.stderr.write("".join(f"  {line}\n" for line in lines))
+
     def error_lines(self) -> List[str]:
         """The captured lines that report an error (native logs, tracebacks)."""
         return [line for line in self.text().splitlines() if ERROR_LINE.search(line)]

@@ -35,9 +35,18 @@ SCRIPT = textwrap.dedent("""
         print("the result")
         if mode == "native-error":
             os.write(2, b"E0000 00:00:1.0 1 kernel.cc:9] native failure\\n")
+        if mode == "user-error":
+            os.write(2, b"E0000 00:00:1.0 1 kernel.cc:9] native failure\\n")
+            from gemma_edge.errors import InputError
+            try:
+                raise InputError("a clear message")
+            except InputError as exc:  # as gemma_edge.cli.main handles it
+                captured.replay_errors()
+                print(f"error: {exc}", file=sys.stderr)
         if mode == "raise":
             raise RuntimeError("the command failed")
     print("fd2 restored", file=sys.stderr)
+    sys.exit(2 if mode == "user-error" else 0)
 """)
 
 
@@ -120,3 +129,10 @@ def test_cli_embed_prints_no_library_lines_without_verbose(tiny_artifacts: Path,
     assert native in loud.stderr
     assert native not in quiet.stderr, quiet.stderr
     assert "wrote" in quiet.stdout and "embedding" in quiet.stderr  # result and progress bar
+
+
+def test_a_user_error_shows_its_message_and_library_errors_not_the_chatter() -> None:
+    done = _run(verbose=False, mode="user-error")
+    assert done.returncode == 2
+    assert "error: a clear message" in done.stderr and "native failure" in done.stderr
+    assert "native chatter" not in done.stderr and "library warning" not in done.stderr
