@@ -18,6 +18,8 @@ Options:
                    edgetpu | cpu
   --precision P    precision on the Edge TPU: int8 (default) or full-int8;
                    CPU runs use int8 (float if the artifacts have no int8 graph)
+  --no-bench       smoke test only: embed, skip the benchmark (OUT gets the
+                   embed timing)
   -h, --help       show this help
 
 Environment:
@@ -31,12 +33,14 @@ note() { printf 'run-on-board: %s\n' "$*" >&2; }
 
 BACKEND=auto
 PRECISION=int8
+BENCH=1
 APEX_DEVICE=${GEMMA_EDGE_APEX_DEVICE:-/dev/apex_0}
 POSITIONAL=()
 while (($#)); do
   case $1 in
     --backend) [[ $# -ge 2 ]] || die "--backend needs a value"; BACKEND=$2; shift ;;
     --precision) [[ $# -ge 2 ]] || die "--precision needs a value"; PRECISION=$2; shift ;;
+    --no-bench) BENCH=0 ;;
     -h|--help) usage; exit 0 ;;
     -*) usage >&2; die "unknown option: $1" ;;
     *) POSITIONAL+=("$1") ;;
@@ -105,7 +109,7 @@ if ! seconds=$(embed_with "$used"); then
 fi
 note "embed: 4 texts in $seconds s on $used"
 
-if "${GE[@]}" bench --help >/dev/null 2>&1; then
+if ((BENCH)) && "${GE[@]}" bench --help >/dev/null 2>&1; then
   bench_with() {  # the Edge TPU runs 8-bit graphs only: ask for that precision there
     local help args=(--backend "$1")
     help=$("${GE[@]}" bench --help 2>/dev/null || true)
@@ -122,7 +126,8 @@ if "${GE[@]}" bench --help >/dev/null 2>&1; then
     bench_with cpu || die "gemma-edge bench failed on the CPU too; see the error above"
   fi
 else
-  note "this gemma-edge has no bench subcommand: writing the embed timing only"
+  if ((BENCH)); then note "this gemma-edge has no bench subcommand: writing the embed timing only"
+  else note "--no-bench: writing the embed timing only"; fi
   printf '{"host": "%s", "backend": "%s", "texts": 4, "embed_seconds": %s, "bench": null}\n' \
     "$(uname -n)" "$used" "$seconds" >"$OUT"
 fi

@@ -206,3 +206,28 @@ def test_deploy_local_method_copies_into_home_and_verifies(tmp_path: Path):
                              capture_output=True, text=True, env=env)
     assert refused.returncode == 1
     assert "--method local copies on this machine: drop pi@raspberrypi" in refused.stderr
+
+
+def test_run_on_board_no_bench_embeds_and_skips_the_benchmark(tmp_path: Path):
+    """run-on-board.sh --no-bench, which the board check runs (bench is too slow emulated)."""
+    art = _art(tmp_path)
+    calls = tmp_path / "calls"
+    fake = tmp_path / "gemma-edge"
+    fake.write_text(f"""#!/usr/bin/env bash
+echo "$1" >> "{calls}"
+case $1 in
+  --help|bench) exit 0 ;;
+  embed) while (($#)); do [[ $1 == --output ]] && : > "$2"; shift; done ;;
+esac
+""", encoding="utf-8")
+    fake.chmod(0o755)
+    env = dict(os.environ, GEMMA_EDGE=str(fake), GEMMA_EDGE_APEX_DEVICE=str(tmp_path / "none"),
+               PATH=f"{tmp_path}:/usr/bin:/bin")
+    out_json = tmp_path / "out.json"
+    out = subprocess.run(["bash", str(ROOT / "scripts" / "run-on-board.sh"), "--no-bench",
+                          "--backend", "cpu", str(art), str(out_json)],
+                         capture_output=True, text=True, env=env)
+    assert out.returncode == 0, out.stderr
+    assert "--no-bench: writing the embed timing only" in out.stderr
+    assert "bench" not in calls.read_text(encoding="utf-8").split()
+    assert json.loads(out_json.read_text(encoding="utf-8"))["bench"] is None
