@@ -53,6 +53,8 @@ def start_server(args: argparse.Namespace, port: int, timeout: float = 900.0) ->
         command += ["--threads", str(args.threads)]
     if args.device:
         command += ["--device", args.device]
+    if args.pack_tokens is not None:
+        command += ["--pack-tokens", str(args.pack_tokens)]
     proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

@@ -55,7 +55,7 @@ class ServeOptions:
     max_chars: int = 32768
     max_queue: int = 64
     max_batch_texts: int = 64
-    batch_wait_ms: float = 5.0
+    batch_wait_ms: float = 10.0
     retry_after_s: int = 1
     warmup: bool = True
 

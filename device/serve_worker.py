@@ -60,11 +60,14 @@ class EmbeddingWorker:
     max_queue: requests waiting (beyond the batch being embedded) before
     ``submit`` raises QueueFullError. max_batch_texts: texts per ``encode`` call
     (a request larger than that still runs whole, alone). batch_wait_ms: how
-    long the first request of a batch waits for company when the queue is idle.
+    long the first request of a batch may wait for company when the queue is
+    idle; it stops waiting as soon as as many requests have come as the previous
+    batch had (N clients in lock-step come back together), so a steady load pays
+    no wait and a lone client at most this.
     """
 
     def __init__(self, embedder: Any, max_queue: int = 64, max_batch_texts: int = 64,
-                 batch_wait_ms: float = 5.0, warmup: bool = True):
+                 batch_wait_ms: float = 10.0, warmup: bool = True):
         if max_queue < 1 or max_batch_texts < 1 or batch_wait_ms < 0:
             raise ValueError("max_queue and max_batch_texts must be >= 1, batch_wait_ms >= 0")
         self.embedder = embedder
@@ -73,6 +76,7 @@ class EmbeddingWorker:
         self.warmup = warmup
         self._queue: queue.Queue = queue.Queue(maxsize=int(max_queue))
         self._carry: Optional[Job] = None
+        self._last_batch = 1  # requests in the previous batch: how many to wait for
         self._stopping = False
         self._lock = threading.Lock()
         self.ready = threading.Event()
@@ -151,9 +155,11 @@ class EmbeddingWorker:
             return []
         jobs, count = [first], len(first.texts)
         deadline = time.monotonic() + self.batch_wait
+        expected = max(2, self._last_batch)
         while count < self.max_batch_texts:
-            try:
-                item = self._take(deadline - time.monotonic())
+            try:  # past `expected` (or the deadline) take only what is already queued
+                wait = deadline - time.monotonic() if len(jobs) < expected else 0.0
+                item = self._take(wait)
             except queue.Empty:
                 break
             if item is _STOP:
@@ -164,6 +170,7 @@ class EmbeddingWorker:
                 break
             jobs.append(item)
             count += len(item.texts)
+        self._last_batch = len(jobs)
         return jobs
 
     def _embed(self, jobs: List[Job]) -> None:

@@ -311,6 +311,8 @@ def test_cli_bad_arguments(tiny_artifacts: Path, capsys) -> None:
     assert "default input type 'passage'" in capsys.readouterr().err
     assert main(["serve", str(tiny_artifacts), "--backend", "cpu", "--max-queue", "0"]) == 2
     assert "--max-queue 0" in capsys.readouterr().err
+    assert main(["serve", str(tiny_artifacts), "--backend", "cpu", "--pack-tokens", "-1"]) == 2
+    assert "--pack-tokens -1" in capsys.readouterr().err
 
 
 def test_parser_does_not_import_the_server_stack() -> None:
