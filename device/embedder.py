@@ -36,6 +36,12 @@ CPU_ROLE = {"float": "float", "int8": "int8", "full-int8": "edgetpu"}
 Texts = Union[str, Sequence[str]]
 
 
+# Every graph (or the segments' host loop) ends in an L2 norm: a vector further than this
+# from unit length was not computed (an all-zero output). Loose enough for a graph whose
+# int8 output is dequantised (steps of 1/128 per element).
+UNIT_NORM_TOLERANCE = 0.05
+
+
 class Embedder:
     """Embed texts with an exported EmbeddingGemma (see ``gemma-edge export``).
 
@@ -357,16 +363,25 @@ class Embedder:
         return out
 
     def _check_finite(self, result: np.ndarray, seq_len: int) -> None:
-        """Never hand out a non-finite vector (artifacts of a NaN checkpoint gave all-NaN
-        vectors). ``isfinite(...).all()``, so NaN fails the check."""
+        """Never hand out a non-finite or non-unit vector: artifacts of a NaN checkpoint
+        gave all-NaN vectors, and the int8 graph under tflite-runtime on an emulated
+        arm64 board all-zero ones (docs/board-check.md). Every graph ends in the L2 norm,
+        so a vector whose norm is not ~1 was not computed. Written so that NaN fails."""
+        graph = self._runner_path[seq_len].split("#")[0]  # segments: "host.npz#64"
         finite = np.isfinite(result).all(axis=1)
         if not finite.all():
-            graph = self._runner_path[seq_len].split("#")[0]  # segments: "host.npz#64"
             raise ArtifactError(
                 f"{self.art_dir}: the {self.graph_role} graph {graph} "
                 f"(bucket {seq_len}) returned NaN or inf for {int((~finite).sum())} of "
                 f"{len(result)} texts; the artifacts are broken (e.g. exported from a checkpoint "
                 "with NaN weights): re-export from a healthy checkpoint")
+        unit = np.abs(np.linalg.norm(result, axis=1) - 1.0) <= UNIT_NORM_TOLERANCE
+        if not unit.all():
+            raise ArtifactError(
+                f"{self.art_dir}: the {self.graph_role} graph {graph} (bucket {seq_len}) returned "
+                f"{int((~unit).sum())} of {len(result)} vectors that are not unit length (an "
+                "all-zero vector: the runtime computed nothing); this TFLite runtime cannot run "
+                "this graph here: try another runtime or precision (docs/board-check.md)")
 
     def _check_dim(self, dim: Optional[int]) -> int:
         if dim is None:

@@ -264,11 +264,22 @@ def test_finite_check_fails_on_nan(art):
     emb = Embedder(art, backend="cpu", precision="int8")
     emb.encode_query(QUERIES)
     bucket = next(iter(emb._runners))
-    result = np.ones((2, 4), dtype=np.float32)
+    result = np.full((2, 4), 0.5, dtype=np.float32)  # unit rows
     emb._check_finite(result, bucket)
     result[1, 3] = np.nan
     with pytest.raises(ArtifactError, match="for 1 of 2 texts"):
         emb._check_finite(result, bucket)
+
+
+def test_an_all_zero_vector_is_refused(art, monkeypatch):
+    """tflite-runtime's int8 graph on an emulated arm64 board returned all-zero vectors
+    (docs/board-check.md): a vector that is not unit length was not computed."""
+    emb = Embedder(art, backend="cpu", precision="int8")
+    emb.encode_query(QUERIES)
+    runner = next(iter(emb._runners.values()))
+    monkeypatch.setattr(runner, "run", lambda *a: np.zeros((emb.slots, emb.output_dim), np.float32))
+    with pytest.raises(ArtifactError, match="2 of 2 vectors that are not unit length"):
+        emb.encode_query(QUERIES)
 
 
 # -- damaged artifacts and bad input: one-line errors ------------------------------------------
