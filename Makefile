@@ -61,7 +61,7 @@ clean:
 
 # The device side on an emulated arm64 Debian userland (qemu-user, no binfmt_misc needed):
 # docs/board-check.md. Installs qemu-user-static and mmdebstrap from apt when missing.
-# CI runs BOARD_CHECK_ARGS=--quick; the userland is cached in ~/.cache/gemma-edge/board-rootfs.
+# CI runs BOARD_CHECK_ARGS=--quick; the userland is cached in ~/.cache/gemma-edge-board.
 BOARD_CHECK_ARGS ?=
 SUDO        := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 .PHONY: board-check

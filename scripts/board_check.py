@@ -13,7 +13,7 @@ What it does (docs/board-check.md says what this proves and what it cannot):
    ``gemma-edge embed``/``search``/``classify`` and the Edge TPU error path there;
 4. runs the hardware-free parts of the board scripts with that Python.
 
-The userland and the wheel folders are cached under ``~/.cache/gemma-edge/board-rootfs``
+The userland and the wheel folders are cached under ``~/.cache/gemma-edge-board``
 (``--cache-dir``), each keyed by a hash of its recipe: a changed recipe builds anew and
 the stale folders this script made are removed. Emulated timings mean nothing: none is
 reported as a latency.
@@ -336,7 +336,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="board-check", description=__doc__.splitlines()[0])
     p.add_argument("--cache-dir", type=Path,
                    default=Path(os.environ.get("GEMMA_EDGE_BOARD_CACHE",
-                                               Path.home() / ".cache/gemma-edge/board-rootfs")),
+                                               Path.home() / ".cache/gemma-edge-board")),
                    help="where the userland and wheel folders are kept between runs")
     p.add_argument("--workdir", type=Path, default=PROJECT / "build/board-check",
                    help="artifacts, vectors and the report (board-check.json)")
