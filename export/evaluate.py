@@ -286,7 +286,7 @@ def sensitivity(checkpoint_dir: Path, art_dir: Path, precision: str, seq_len: in
         raise ValueError(f"no {precision} graph for bucket {seq_len}")
     core, _ = build_encoder(load_checkpoint(checkpoint_dir))
     if graph.get("layout") == "segments":  # per segment: the error each one adds
-        from .segment_build import segment_sensitivity
+        from .segments.sensitivity import segment_sensitivity
 
         return segment_sensitivity(core, Path(art_dir), graph,
                                    calibration_set(art_dir, [seq_len], samples)[seq_len])

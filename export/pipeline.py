@@ -14,7 +14,7 @@ import logging
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
@@ -59,19 +59,19 @@ class ExportOptions:
     quantize: bool = True
     int8_min_cosine: float = 0.97
     evaluate: bool = True
-    # The fully int8 Edge TPU segments (export/segments.py): 48 graphs per bucket; queries
+    # The fully int8 Edge TPU segments (export/segments/): 48 graphs per bucket; queries
     # fit 64 tokens, most documents 128 (the 128-token set is worth +0.003 held-out
     # cosine, docs/quantization.md), long ones 256 and 512 (cut there, as the CPU graphs:
     # a document cut at 256 scored 0.959 in float). Each bucket's segments are filled
-    # into two or three converted templates (export/segment_graph.py).
+    # into two or three converted templates (export/segments/graph.py).
     edgetpu: bool = True
     edgetpu_buckets: Sequence[int] = (64, 128, 256, 512)
     edgetpu_calibration: int = 32  # corpus samples per bucket for the segments' ranges
-    # The MLP's two-range GELU product (segments.Smoothing.mlp_split; None: its default,
+    # The MLP's two-range GELU product (SegmentRecipe.mlp_split; None: the recipe's,
     # 0: one int8 tensor: 40 % fewer MLP weights to stream per call, lower fidelity)
     edgetpu_mlp_split: Optional[float] = None
-    # The softmax weights in two int8 ranges (segments.Smoothing.softmax_split; None: its
-    # default, 0: one tensor)
+    # The softmax weights in two int8 ranges (SegmentRecipe.softmax_split; None: the
+    # recipe's, 0: one tensor)
     edgetpu_softmax_split: Optional[float] = None
 
     def validate(self, max_positions: Optional[int] = None, config_path: Any = "config.json"
@@ -84,20 +84,22 @@ class ExportOptions:
         if self.quantize and self.edgetpu:
             self.edgetpu_buckets = _buckets("--edgetpu-seq-len", self.edgetpu_buckets,
                                             max_positions, config_path)
-        if self.edgetpu_mlp_split is not None and not 0.0 <= self.edgetpu_mlp_split < 1.0:
-            raise InputError(f"--edgetpu-mlp-split {self.edgetpu_mlp_split}: a fraction in "
-                             "[0, 1) of the GELU product's range (0: one int8 tensor)")
-        if (self.edgetpu_softmax_split is not None
-                and not 0.0 <= self.edgetpu_softmax_split < 1.0):
-            raise InputError(f"--edgetpu-softmax-split {self.edgetpu_softmax_split}: a "
-                             "fraction in [0, 1) of the softmax row maximum (0: one int8 "
-                             "tensor)")
+        self.segment_recipe()
         if not self.pool_slots >= 1:
             raise InputError(f"--pool-slots {self.pool_slots}: must be at least 1 (the number "
                              f"of texts one graph run can pool; default {DEFAULT_POOL_SLOTS})")
         if self.pool_slots > self.buckets[-1]:
             raise InputError(f"--pool-slots {self.pool_slots}: at most the largest bucket "
                              f"({self.buckets[-1]} tokens): every pooled text takes a token")
+
+
+    def segment_recipe(self) -> Any:
+        """The full-int8 segments' ``SegmentRecipe``: the shipped one with the split
+        flags applied, validated (an InputError names the --edgetpu- flag)."""
+        from .segments.recipe import DEFAULT_RECIPE
+
+        return DEFAULT_RECIPE.with_splits(self.edgetpu_mlp_split,
+                                          self.edgetpu_softmax_split).validate("--edgetpu-")
 
 
 def _buckets(flag: str, given: Sequence[int], max_positions: Optional[int],
@@ -259,23 +261,17 @@ def _start_segments(background: contextlib.ExitStack, core: Any, ck: Checkpoint,
     process meanwhile, mostly on one core (the previous export left the second core
     idle for a third of its time: 154 % CPU over 36 minutes)."""
     from .calibration import TextHost, calibration_from
-    from .segment_build import SegmentBuild
-    from .segments import Smoothing
+    from .segments import SegmentBuild
 
     steps.set_description("full-int8 segments: calibration inputs")
     host = TextHost.from_parts(stage, ck.prompts, tokenizer, tables["float"], options.buckets,
                                core.spec.hidden_size, options.pool_slots)
     calibration = calibration_from(host, options.edgetpu_buckets, options.edgetpu_calibration)
-    smoothing = Smoothing()
-    if options.edgetpu_mlp_split is not None:
-        smoothing = replace(smoothing, mlp_split=options.edgetpu_mlp_split)
-    if options.edgetpu_softmax_split is not None:
-        smoothing = replace(smoothing, softmax_split=options.edgetpu_softmax_split)
     bar = tqdm(total=2 * core.spec.num_layers * len(options.edgetpu_buckets), unit="segment",
                desc="full-int8 segments (worker processes)", position=1, leave=False)
     background.callback(bar.close)
     return background.enter_context(SegmentBuild(
-        core, stage, options.edgetpu_buckets, calibration, smoothing,
+        core, stage, options.edgetpu_buckets, calibration, options.segment_recipe(),
         progress=steps.set_description, on_segment_done=bar.update))
 
 
@@ -306,7 +302,7 @@ def _quick_evaluation(stage: Path, checkpoint_dir: Path) -> dict[str, Any]:
     """`gemma-edge eval`'s quick form (full and smallest MRL dim) for the manifest.
 
     The quantised graphs only: the float graphs were verified against the reference
-    through the device path a few stages earlier (cosine >= 0.9999999, enforced), and
+    through the device path a few stages earlier (cosine >= FLOAT_MIN_COSINE, enforced), and
     re-embedding the held-out set with them took a fifth of this stage's time.
     """
     from gemma_edge.errors import CalibrationDataError

@@ -6,7 +6,7 @@ Two products (see docs/quantization.md for the measurements behind them):
   int8 keeps fidelity, float elsewhere.
 - role ``edgetpu``: the fully 8-bit graphs the Edge TPU needs: int8 weights AND
   activations with per-tensor scales, int8 inputs and output; built per layer by
-  ``export/segments.py`` with this module's FULL_INT8 approach.
+  ``export/segments/`` with this module's FULL_INT8 approach.
 
 Each bucket gets its own file: the plain Interpreter's XNNPACK packs the weights of
 every subgraph of a file, so a multi-signature int8 file would cost one packed copy

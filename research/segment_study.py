@@ -5,7 +5,7 @@ quantises only the segment kinds asked for (the others stay float PyTorch), and
 prints the cosine of the result to the float encoder on held-out texts (or on
 corpus texts held back from the calibration, for choosing). This is how the table
 in docs/quantization.md was measured; the export itself uses the recipe's defaults
-(``gemma_edge.export.segment_build.SegmentBuild``). From a checkout::
+(``gemma_edge.export.segments.SegmentBuild``). From a checkout::
 
     python -m research segment-study --checkpoint DIR --artifacts ART --seq-len 128
 """
@@ -88,7 +88,7 @@ def full_bucket_inputs(art_dir: Path, seq_len: int, count: int) -> list[dict[str
     return [_inputs(emb, [i], seq_len) for i in full]
 
 
-def study(checkpoint: str, art_dir: Path, seq_len: int, smoothing: Any,
+def study(checkpoint: str, art_dir: Path, seq_len: int, recipe: Any,
           calibration: int, texts: int, kinds: Sequence[str],
           ladder: Optional[Sequence[int]] = None,
           ranges: RangeStatistic = RangeStatistic.MOVING_AVERAGE,
@@ -102,11 +102,11 @@ def study(checkpoint: str, art_dir: Path, seq_len: int, smoothing: Any,
     import torch
 
     with torch.no_grad():
-        return _study(checkpoint, art_dir, seq_len, smoothing, calibration, texts, kinds, ladder,
+        return _study(checkpoint, art_dir, seq_len, recipe, calibration, texts, kinds, ladder,
                       ranges, eval_texts)
 
 
-def _study(checkpoint: str, art_dir: Path, seq_len: int, smoothing: Any,
+def _study(checkpoint: str, art_dir: Path, seq_len: int, recipe: Any,
            calibration: int, texts: int, kinds: Sequence[str],
            ladder: Optional[Sequence[int]], ranges: RangeStatistic,
            eval_texts: str) -> dict[str, Any]:
@@ -120,7 +120,7 @@ def _study(checkpoint: str, art_dir: Path, seq_len: int, smoothing: Any,
     from gemma_edge.export.calibration import calibration_from, calibration_set
     from gemma_edge.export.checkpoint import load_checkpoint
     from gemma_edge.export.encoder import BucketEncoder, build_encoder
-    from gemma_edge.export.segment_build import quantize_segment
+    from gemma_edge.export.segments import quantize_segment
 
     core, _ = build_encoder(load_checkpoint(checkpoint))
     if eval_texts == "corpus":
@@ -131,7 +131,7 @@ def _study(checkpoint: str, art_dir: Path, seq_len: int, smoothing: Any,
     else:
         cal = calibration_set(art_dir, [seq_len], calibration, ladder=ladder)[seq_len]
         evals = heldout_inputs(art_dir, seq_len, texts)
-    scales = seg.measure_scales(core, cal, smoothing)
+    scales = seg.measure_scales(core, cal, recipe)
     segments = seg.layer_segments(core, seq_len, scales)
     float_run = seg.torch_runner(segments)
     inputs = seg.segment_inputs(core, scales, cal)
@@ -160,13 +160,13 @@ def _study(checkpoint: str, art_dir: Path, seq_len: int, smoothing: Any,
             b = seg.host_forward(core, scales, run, *seg.sample_tensors(sample))[0, 0]
             cos.append(float(torch.nn.functional.cosine_similarity(a, b, 0)))
     values = np.array(cos)
-    return {"seq_len": seq_len, "smoothing": smoothing.to_json(), "calibration": calibration,
+    return {"seq_len": seq_len, "recipe": recipe.to_json(), "calibration": calibration,
             "ranges": ranges.value, "eval_texts": eval_texts,
             "texts": len(values), "kinds": list(kinds), "cosine_mean": float(values.mean()),
             "cosine_min": float(values.min()), "cosine_p1": float(np.percentile(values, 1))}
 
 
-def tensor_study(checkpoint: str, art_dir: Path, seq_len: int, smoothing: Any,
+def tensor_study(checkpoint: str, art_dir: Path, seq_len: int, recipe: Any,
                  calibration: int, texts: int, kinds: Sequence[str], layers: Sequence[int],
                  ranges: RangeStatistic = RangeStatistic.MOVING_AVERAGE,
                  ladder: Optional[Sequence[int]] = None) -> dict[str, list[Any]]:
@@ -182,8 +182,7 @@ def tensor_study(checkpoint: str, art_dir: Path, seq_len: int, smoothing: Any,
     from gemma_edge.export.calibration import calibration_set
     from gemma_edge.export.checkpoint import load_checkpoint
     from gemma_edge.export.encoder import build_encoder
-    from gemma_edge.export.segment_build import quantize_float_segment
-    from gemma_edge.export.segment_graph import float_segment
+    from gemma_edge.export.segments import float_segment, quantize_float_segment
 
     from .tensor_snr import tensor_snr
 
@@ -194,7 +193,7 @@ def tensor_study(checkpoint: str, art_dir: Path, seq_len: int, smoothing: Any,
             raise InputError(f"--tensor-snr {','.join(map(str, layers))}: the model has layers "
                              f"0-{len(core.layers) - 1}")
         cal = calibration_set(art_dir, [seq_len], calibration, ladder=ladder)[seq_len]
-        scales = seg.measure_scales(core, cal, smoothing)
+        scales = seg.measure_scales(core, cal, recipe)
         segments = seg.layer_segments(core, seq_len, scales)
         cal_inputs = seg.segment_inputs(core, scales, cal)
         eval_inputs = seg.segment_inputs(core, scales,
@@ -236,40 +235,24 @@ def _kinds(text: str) -> list[str]:
 def _run(args: Any) -> int:
     import json
 
-    from gemma_edge.export.segments import Smoothing
+    from gemma_edge.export.segments import DEFAULT_RECIPE, SegmentRecipe
 
     if args.texts < 1:
         from gemma_edge.errors import InputError
         raise InputError(f"--texts {args.texts}: at least 1 text to compare")
-    if args.softmax_split_from is not None and args.softmax_split_from < 0:
-        from gemma_edge.errors import InputError
-        raise InputError(f"--softmax-split-from {args.softmax_split_from}: a bucket length in "
-                         "tokens, 0 or more (0: every bucket)")
-    default = Smoothing()
-    if args.mlp_host_sum is None:
-        args.mlp_host_sum = default.mlp_host_sum
+    default = DEFAULT_RECIPE
     alphas = args.smoothing or [default.attn_in, default.v, default.ff_in, default.act]
-    if args.mlp_split is None:
-        args.mlp_split = default.mlp_split
-    if not 0.0 <= args.mlp_split < 1.0:
-        from gemma_edge.errors import InputError
-        raise InputError(f"--mlp-split {args.mlp_split}: a fraction in [0, 1) of the GELU "
-                         "product's range (0: one int8 tensor)")
-    if args.softmax_split is None:
-        args.softmax_split = default.softmax_split
-    if not 0.0 <= args.softmax_split < 1.0:
-        from gemma_edge.errors import InputError
-        raise InputError(f"--softmax-split {args.softmax_split}: a fraction in [0, 1) of the "
-                         "softmax row maximum (0: one int8 tensor)")
-    smoothing = Smoothing(*alphas, mlp_host_sum=args.mlp_host_sum,
-                          mlp_split=args.mlp_split, softmax_split=args.softmax_split,
-                          softmax_split_from=(default.softmax_split_from
-                                              if args.softmax_split_from is None
-                                              else args.softmax_split_from))
+    recipe = SegmentRecipe(
+        *alphas,
+        mlp_host_sum=default.mlp_host_sum if args.mlp_host_sum is None else args.mlp_host_sum,
+        mlp_split=default.mlp_split if args.mlp_split is None else args.mlp_split,
+        softmax_split=default.softmax_split if args.softmax_split is None else args.softmax_split,
+        softmax_split_from=(default.softmax_split_from if args.softmax_split_from is None
+                            else args.softmax_split_from)).validate("--")
     if args.tensor_snr:
         from .tensor_snr import format_table
 
-        tables = tensor_study(args.checkpoint, args.artifacts, args.seq_len, smoothing,
+        tables = tensor_study(args.checkpoint, args.artifacts, args.seq_len, recipe,
                               args.calibration, args.texts, args.kinds, args.tensor_snr,
                               RangeStatistic(args.ranges), args.ladder)
         for title, rows in tables.items():
@@ -278,7 +261,7 @@ def _run(args: Any) -> int:
             print()
         return 0
     result = study(args.checkpoint, args.artifacts, args.seq_len,
-                   smoothing, args.calibration, args.texts, args.kinds, args.ladder,
+                   recipe, args.calibration, args.texts, args.kinds, args.ladder,
                    RangeStatistic(args.ranges), args.eval_texts)
     print(json.dumps(result, indent=2))
     return 0

@@ -247,7 +247,7 @@ def test_failure_while_segments_build_cancels_them_and_leaves_nothing(tiny_check
     import multiprocessing
 
     from gemma_edge.export import pipeline
-    from gemma_edge.export.segment_build import SegmentBuild
+    from gemma_edge.export.segments import SegmentBuild
 
     started = []
     enter = SegmentBuild.__enter__

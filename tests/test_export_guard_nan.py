@@ -68,9 +68,9 @@ def test_nan_in_the_one_file_int8_graph_fails(tiny_artifacts, tiny_checkpoint, m
 
 
 def test_segment_float_check_fails_on_nan(monkeypatch):
-    """The segmented rewrite's float check (export/segment_build.py) must not take NaN for
+    """The segmented rewrite's float check (export/segments/host.py) must not take NaN for
     a match, wherever the NaN sample comes in the list."""
-    from gemma_edge.export import segment_build
+    from gemma_edge.export.segments import host
 
     outputs = iter([torch.ones(1, 2, 4), torch.full((1, 2, 4), float("nan")), torch.ones(1, 2, 4)])
 
@@ -81,12 +81,10 @@ def test_segment_float_check_fails_on_nan(monkeypatch):
         def eval(self):
             return lambda *args: torch.ones(1, 2, 4)
 
-    import gemma_edge.export.encoder as encoder
-
-    monkeypatch.setattr(encoder, "BucketEncoder", Reference)
-    monkeypatch.setattr(segment_build, "torch_runner", lambda segments: None)
-    monkeypatch.setattr(segment_build, "host_forward", lambda *args: next(outputs))
+    monkeypatch.setattr(host, "BucketEncoder", Reference)
+    monkeypatch.setattr(host, "torch_runner", lambda segments: None)
+    monkeypatch.setattr(host, "host_forward", lambda *args: next(outputs))
     sample = {"embeddings": np.zeros((1, 8, 4), np.float32), "mask": np.ones((1, 8, 8), np.float32),
               "pool": np.ones((1, 2, 8), np.float32)}
     with pytest.raises(QuantizationError, match="nan"):
-        segment_build.check_float(None, [], [], [sample, sample, sample])
+        host.check_float(None, [], [], [sample, sample, sample])

@@ -35,7 +35,7 @@ def calibration(tiny_artifacts: Path):
 
 def test_segmented_rewrite_is_exact_in_float(tiny_core, calibration):
     from gemma_edge.export import segments as seg
-    from gemma_edge.export.segment_build import FLOAT_EQUALITY, check_float
+    from gemma_edge.export.segments import FLOAT_EQUALITY, check_float
 
     samples = calibration[BUCKET]
     scales = seg.measure_scales(tiny_core, samples)
@@ -63,7 +63,7 @@ def test_segmented_rewrite_is_exact_in_float(tiny_core, calibration):
 def test_float_check_catches_a_wrong_rewrite(tiny_core, calibration):
     from gemma_edge.errors import QuantizationError
     from gemma_edge.export import segments as seg
-    from gemma_edge.export.segment_build import check_float
+    from gemma_edge.export.segments import check_float
 
     scales = seg.measure_scales(tiny_core, calibration[BUCKET][:2])
     segments = seg.layer_segments(tiny_core, BUCKET, scales)
@@ -107,7 +107,7 @@ def test_export_writes_fully_int8_segments_the_embedder_runs(tiny_checkpoint, tm
                        "QUANTIZE", "DEQUANTIZE"):
             assert banned not in ops, (banned, ops)
         # attention: q, k, v, o + 2 mean squares; MLP: gate, up, down + the two-range
-        # product's fine up and down (Smoothing.mlp_split)
+        # product's fine up and down (SegmentRecipe.mlp_split)
         assert ops["CONV_2D"] == (6 if "attn" in name else 5)
 
     # the pre-flight over the whole bucket: co-compiled segments + the host's share
@@ -180,7 +180,7 @@ def test_profiler_calibration_equals_the_tensor_copying_one(tiny_core, calibrati
 
     from gemma_edge.export import segments as seg
     from gemma_edge.export.quantize import min_max_calibration
-    from gemma_edge.export.segment_graph import float_segment
+    from gemma_edge.export.segments import float_segment
 
     samples = calibration[BUCKET][:3]
     scales = seg.measure_scales(tiny_core, samples)
@@ -252,8 +252,8 @@ def test_row_blocks_of_one_product_share_one_range(tiny_core, calibration):
 
     from gemma_edge.export import segments as seg
     from gemma_edge.export.quantize import row_block_groups, unify_ranges
-    from gemma_edge.export.segment_build import quantize_segment
-    from gemma_edge.export.segment_graph import _AttnSeg, _convert_segment
+    from gemma_edge.export.segments import quantize_segment
+    from gemma_edge.export.segments.graph import _AttnSeg, _convert_segment
 
     samples = calibration[BUCKET][:4]
     scales = seg.measure_scales(tiny_core, samples)
@@ -295,7 +295,7 @@ def test_two_range_softmax_is_exact_in_float_and_fully_int8(tiny_core, calibrati
     from gemma_edge.compile.mapper import analyze
     from gemma_edge.export import segments as seg
     from gemma_edge.export.quantize import check_fully_int8
-    from gemma_edge.export.segment_build import (
+    from gemma_edge.export.segments import (
         FLOAT_EQUALITY,
         check_float,
         host_constants,
@@ -304,7 +304,7 @@ def test_two_range_softmax_is_exact_in_float_and_fully_int8(tiny_core, calibrati
     )
 
     samples = calibration[BUCKET]
-    scales = seg.measure_scales(tiny_core, samples, seg.Smoothing(softmax_split=0.125,
+    scales = seg.measure_scales(tiny_core, samples, seg.SegmentRecipe(softmax_split=0.125,
                                                                   softmax_split_from=BUCKET))
     assert all(s.softmax_split == 0.125 for s in scales)
     segments = seg.layer_segments(tiny_core, BUCKET, scales)
@@ -332,7 +332,7 @@ def test_segments_built_in_worker_processes_equal_the_inline_build(tiny_core, ca
                                                                    tmp_path):
     """Two worker processes (the export's default on 2 cores) filling segment templates
     write the same files as one process converting every segment."""
-    from gemma_edge.export.segment_build import build_segmented
+    from gemma_edge.export.segments import build_segmented
 
     samples = {BUCKET: calibration[BUCKET][:3]}
     # inline: every segment converted by litert-torch; pooled: filled into templates
@@ -348,7 +348,7 @@ def test_segment_templates_give_the_graphs_litert_torch_converts(tiny_core, cali
     """A template converted once per structure, filled with each layer's tensors, is the
     float graph litert-torch converts for that layer, byte for byte."""
     from gemma_edge.export import segments as seg
-    from gemma_edge.export.segment_graph import build_template, float_segment, template_key
+    from gemma_edge.export.segments import build_template, float_segment, template_key
 
     samples = calibration[BUCKET][:3]
     scales = seg.measure_scales(tiny_core, samples)
@@ -383,7 +383,7 @@ class _Folded(torch.nn.Module):
 
 @pytest.mark.slow
 def test_segment_template_checks_each_graph_and_converts_when_it_differs(caplog):
-    from gemma_edge.export.segment_graph import build_template, fill_checked, float_segment
+    from gemma_edge.export.segments import build_template, fill_checked, float_segment
 
     hidden, seq = 16, 4
     feed = {"b": np.random.default_rng(0).standard_normal((1, 1, seq, hidden), np.float32)}
@@ -411,7 +411,7 @@ def test_two_range_gelu_product_is_exact_in_float_and_fully_int8(tiny_core, cali
     from gemma_edge.export import segments as seg
     from gemma_edge.export.coral_ops import apply_conv, gelu_sigmoid
     from gemma_edge.export.quantize import check_fully_int8
-    from gemma_edge.export.segment_build import (
+    from gemma_edge.export.segments import (
         FLOAT_EQUALITY,
         check_float,
         quantize_segment,
@@ -419,8 +419,8 @@ def test_two_range_gelu_product_is_exact_in_float_and_fully_int8(tiny_core, cali
 
     samples = calibration[BUCKET]
     hidden = tiny_core.spec.hidden_size
-    split = seg.measure_scales(tiny_core, samples, seg.Smoothing(mlp_split=0.125))
-    one = seg.measure_scales(tiny_core, samples, seg.Smoothing(mlp_split=0.0))
+    split = seg.measure_scales(tiny_core, samples, seg.SegmentRecipe(mlp_split=0.125))
+    one = seg.measure_scales(tiny_core, samples, seg.SegmentRecipe(mlp_split=0.0))
     assert all(s.act_split > 0 for s in split) and all(s.act_split == 0 for s in one)
     # the two partials (fine, excess) go to the host, each with its own output scales
     assert split[0].ff_out.shape == (2, hidden) and one[0].ff_out.shape == (hidden,)
@@ -428,7 +428,7 @@ def test_two_range_gelu_product_is_exact_in_float_and_fully_int8(tiny_core, cali
     split_segments = seg.layer_segments(tiny_core, BUCKET, split)
     assert check_float(tiny_core, split, split_segments, samples) >= FLOAT_EQUALITY
     # ... or are added in the graph (mlp_host_sum=False): exact too
-    added = seg.measure_scales(tiny_core, samples, seg.Smoothing(mlp_host_sum=False))
+    added = seg.measure_scales(tiny_core, samples, seg.SegmentRecipe(mlp_host_sum=False))
     assert added[0].ff_out.shape == (hidden,)
     assert check_float(tiny_core, added, seg.layer_segments(tiny_core, BUCKET, added),
                        samples) >= FLOAT_EQUALITY

@@ -17,7 +17,7 @@ def test_range_statistics_of_the_calibration(tiny_core, calibration):
 
     from gemma_edge.export import segments as seg
     from gemma_edge.export.quantize import check_fully_int8
-    from gemma_edge.export.segment_build import quantize_segment
+    from gemma_edge.export.segments import quantize_segment
     from research.ranges import RangeStatistic, range_function
 
     samples = calibration[BUCKET][:4]

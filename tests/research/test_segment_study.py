@@ -14,15 +14,15 @@ BUCKET = 32
 @pytest.mark.slow
 def test_segment_study_measures_one_recipe(tiny_checkpoint, tiny_artifacts):
     pytest.importorskip("litert_torch")
-    from gemma_edge.export.segments import Smoothing
+    from gemma_edge.export.segments import SegmentRecipe
     from research.segment_study import study
 
-    exact = study(str(tiny_checkpoint), tiny_artifacts, BUCKET, Smoothing(), 4, 4, [])
+    exact = study(str(tiny_checkpoint), tiny_artifacts, BUCKET, SegmentRecipe(), 4, 4, [])
     assert exact["texts"] == 4 and exact["cosine_min"] > 0.99999  # nothing quantised
-    mlp = study(str(tiny_checkpoint), tiny_artifacts, BUCKET, Smoothing(), 4, 4, ["mlp"])
+    mlp = study(str(tiny_checkpoint), tiny_artifacts, BUCKET, SegmentRecipe(), 4, 4, ["mlp"])
     assert 0.5 < mlp["cosine_min"] <= mlp["cosine_mean"] < 0.99999
     # judged on corpus texts held back from the calibration instead of the held-out set
-    dev = study(str(tiny_checkpoint), tiny_artifacts, BUCKET, Smoothing(), 4, 4, ["mlp"],
+    dev = study(str(tiny_checkpoint), tiny_artifacts, BUCKET, SegmentRecipe(), 4, 4, ["mlp"],
                 eval_texts="corpus")
     assert dev["eval_texts"] == "corpus" and dev["texts"] == 4
     assert 0.5 < dev["cosine_min"] <= dev["cosine_mean"] < 0.99999
@@ -46,11 +46,11 @@ def test_tensor_snr_follows_the_error_through_a_segment(tiny_checkpoint, tiny_ar
     report covers the whole chain down to the output."""
     pytest.importorskip("litert_torch")
     from gemma_edge.errors import InputError
-    from gemma_edge.export.segments import Smoothing
+    from gemma_edge.export.segments import SegmentRecipe
     from research.segment_study import tensor_study
     from research.tensor_snr import format_table
 
-    tables = tensor_study(str(tiny_checkpoint), tiny_artifacts, BUCKET, Smoothing(), 4, 4,
+    tables = tensor_study(str(tiny_checkpoint), tiny_artifacts, BUCKET, SegmentRecipe(), 4, 4,
                           ["mlp"], [0])
     rows = tables["layer 00 / mlp"]
     ops = [r.op for r in rows]
@@ -62,7 +62,7 @@ def test_tensor_snr_follows_the_error_through_a_segment(tiny_checkpoint, tiny_ar
     text = format_table("layer 00 / mlp", rows)
     assert "CONV_2D" in text and len(text.splitlines()) == len(rows) + 2
     with pytest.raises(InputError, match="layers 0-"):
-        tensor_study(str(tiny_checkpoint), tiny_artifacts, BUCKET, Smoothing(), 4, 4,
+        tensor_study(str(tiny_checkpoint), tiny_artifacts, BUCKET, SegmentRecipe(), 4, 4,
                      ["mlp"], [99])
 
 

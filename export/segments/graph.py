@@ -87,7 +87,7 @@ def _float_buffer_regions(graph: bytes) -> list[tuple[int, int]]:
     """(byte offset, float count) of every constant buffer read by a float32 tensor."""
     from ai_edge_litert import schema_py_generated as schema
 
-    from .quantize import model_tensors
+    from ..quantize import model_tensors
 
     start = np.frombuffer(graph, np.uint8).__array_interface__["data"][0]
     seen, regions = set(), []
@@ -135,6 +135,12 @@ def _convert_segment(module: nn.Module, sample: dict[str, torch.Tensor]) -> byte
     except Exception as exc:  # noqa: BLE001 - litert-torch raises many types
         raise ConversionError(f"litert-torch could not convert a segment: "
                               f"{type(exc).__name__}: {exc}") from exc
+
+
+# The wrappers' qualified names are part of every segment graph's tensor names
+# (litert-torch names tensors after the module stack): kept from when this module was
+# export/segment_graph.py, so the graphs stay byte-identical to earlier exports.
+_AttnSeg.__module__ = _MlpSeg.__module__ = "gemma_edge.export.segment_graph"
 
 
 def float_segment(kind: str, segment: nn.Module, seq_len: int, hidden: int) -> bytes:

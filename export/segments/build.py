@@ -1,16 +1,14 @@
-"""Export of the segmented full-int8 encoder: convert, calibrate and quantise every segment.
+"""The build of the segments: convert, calibrate and quantise every segment into files.
 
-The segments and their exact rewrites are in ``segments``; this module turns them
-into files: one fully int8 TFLite graph per layer and kind per bucket
-(``edgetpu/attn_<T>_<L>.tflite``, ``edgetpu/mlp_<T>_<L>.tflite``) and the host
-loop's constants (``edgetpu/host.npz``), checks the rewrite in float first, and
-measures each segment's error for ``gemma-edge eval --sensitivity``.
+One fully int8 TFLite graph per layer and kind per bucket (``edgetpu/attn_<T>_<L>.tflite``,
+``edgetpu/mlp_<T>_<L>.tflite``) and the host loop's constants (``edgetpu/host.npz``):
+``SegmentBuild`` measures the scales, checks the rewrite in float, and has worker
+processes fill and quantise the graphs while the export does other work.
 """
 
 from __future__ import annotations
 
 import contextlib
-import math
 import multiprocessing
 import os
 import sys
@@ -20,50 +18,14 @@ from typing import Any, Callable, Iterator, Optional, Sequence
 
 import numpy as np
 import torch
-from torch import nn
 
-from .encoder import EncoderCore
-from .quantize import RangeFn
-from .segment_graph import SegmentTemplate, build_template, fill_checked, template_key
-from .segments import (
-    AttentionSegment,
-    LayerScales,
-    MlpSegment,
-    Smoothing,
-    host_forward,
-    layer_segments,
-    measure_scales,
-    sample_tensors,
-    segment_inputs,
-    torch_runner,
-)
-
-FLOAT_EQUALITY = 0.99999  # min cosine of the segmented rewrite to BucketEncoder in float
-
-
-@torch.no_grad()
-def check_float(core: EncoderCore, scales: Sequence[LayerScales],
-                segments: Sequence[tuple[AttentionSegment, MlpSegment]],
-                samples: Sequence[dict[str, np.ndarray]]) -> float:
-    """Min cosine (live pooling slots) of host loop + float segments to BucketEncoder."""
-    from gemma_edge.errors import QuantizationError
-
-    from .encoder import BucketEncoder
-
-    worst = 1.0
-    run = torch_runner(segments)
-    for sample in samples:
-        args = sample_tensors(sample)
-        reference = BucketEncoder(core, args[0].shape[1]).eval()(*args)[0]
-        ours = host_forward(core, scales, run, *args)[0]
-        live = args[2][0].sum(-1) > 0
-        cos = nn.functional.cosine_similarity(reference[live], ours[live], dim=-1)
-        worst = float(np.minimum(worst, float(cos.min())))  # np.minimum keeps a NaN
-    if not worst >= FLOAT_EQUALITY:  # written so that NaN fails
-        raise QuantizationError(f"segmented rewrite differs from the float encoder "
-                                f"(cosine {worst:.6f} < {FLOAT_EQUALITY})")
-    return worst
-
+from ..encoder import EncoderCore
+from ..quantize import RangeFn
+from .calibration import measure_scales, segment_inputs
+from .graph import SegmentTemplate, build_template, fill_checked, template_key
+from .host import check_float, layer_segments
+from .modules import AttentionSegment, LayerScales, MlpSegment
+from .recipe import DEFAULT_RECIPE, SegmentRecipe
 
 SEGMENT_DIR = "edgetpu"
 HOST_FILE = f"{SEGMENT_DIR}/host.npz"
@@ -72,7 +34,6 @@ HOST_FILE = f"{SEGMENT_DIR}/host.npz"
 # bucket on 12 of its own samples did (docs/quantization.md), at 3 minutes less export.
 SCALE_SAMPLES = 4
 APPROACH = "full-int8-segments"
-DEFAULT_SMOOTHING = Smoothing()
 
 
 def segment_name(kind: str, seq_len: int, layer: int) -> str:
@@ -126,50 +87,6 @@ def scales_from_host(host: dict[str, np.ndarray]) -> list[LayerScales]:
             for i in range(len(host["attn_in"]))]
 
 
-@torch.no_grad()
-def segment_sensitivity(core: EncoderCore, art_dir: Path, graph: dict,
-                        samples: Sequence[dict[str, np.ndarray]]) -> dict[str, dict]:
-    """Error each int8 segment adds: its output vs the float segment on the same input.
-
-    Inputs come from the float host loop (so errors do not compound); reported as
-    SNR in dB over the tokens that belong to a text.
-    """
-    from ai_edge_litert.interpreter import Interpreter
-
-    from gemma_edge.device.segmented import SegmentedRunner
-
-    seq_len = int(graph["seq_lens"][0])
-    runner = SegmentedRunner(art_dir, graph, seq_len,
-                             lambda path: Interpreter(model_path=str(path), num_threads=2))
-    scales = scales_from_host(runner.host)
-    float_run = torch_runner(layer_segments(core, seq_len, scales))
-    errors: dict[str, list[float]] = {}
-    for sample in samples:
-        live = torch.from_numpy(sample["pool"][0]).sum(0) > 0
-
-        def run(i: int, kind: str, x: torch.Tensor, mask: Optional[torch.Tensor],
-                live: torch.Tensor = live, sample: dict = sample) -> torch.Tensor:
-            ref = float_run(i, kind, x, mask)
-            seg = runner.segments[2 * i + (kind == "mlp")]
-            got = torch.from_numpy(seg(x.numpy(), sample["mask"] if kind == "attn" else None)
-                                   .reshape(ref.shape))
-            # the branch output as the host uses it: partials ([1, G, T, C]: the MLP's
-            # two ranges) scaled per channel and added
-            weight = torch.from_numpy(np.asarray(
-                scales[i].ff_out if kind == "mlp" else scales[i].attn_out, np.float64)
-            ).reshape(-1, 1, ref.shape[-1])
-            r = (ref[0].double() * weight).sum(0)[live]
-            g = (got[0].double() * weight).sum(0)[live]
-            noise = float((g - r).pow(2).sum()) or 1e-30
-            errors.setdefault(f"layer {i:02d} / {kind}", []).append(
-                10.0 * math.log10(float(r.pow(2).sum()) / noise))
-            return ref
-
-        host_forward(core, scales, run, *sample_tensors(sample))
-    return {key: {"mean_snr_db": float(np.mean(v)), "min_snr_db": float(np.min(v)),
-                  "tensors": len(v)} for key, v in sorted(errors.items())}
-
-
 def quantize_segment(kind: str, segment: AttentionSegment | MlpSegment, seq_len: int,
                      hidden: int, feeds: Sequence[dict[str, np.ndarray]],
                      ranges: Optional[RangeFn] = None,
@@ -187,7 +104,7 @@ def quantize_float_segment(float_model: bytes, feeds: Sequence[dict[str, np.ndar
                            ranges: Optional[RangeFn] = None) -> bytes:
     """A converted segment (``float_segment``) quantised fully to int8 on ``feeds``
     (``ranges``: see ``quantize.quantize_graph``)."""
-    from .quantize import Approach, QuantConfig, quantize_graph
+    from ..quantize import Approach, QuantConfig, quantize_graph
 
     return quantize_graph(float_model, "segment", QuantConfig(Approach.FULL_INT8), feeds, ranges)
 
@@ -199,7 +116,7 @@ class SegmentBuild:
 
     Entering measures the per-channel scales, writes the host constants, checks the
     rewrite in float, has the pool convert one template per segment structure
-    (``segment_graph``), records every segment's calibration inputs (this process, float
+    (``graph``), records every segment's calibration inputs (this process, float
     torch), and submits all segments to the pool; ``collect()`` waits for them,
     checks each is fully int8 and writes the files. Segment files appear in
     ``out_dir`` only during ``collect()``. Leaving with an error cancels what has not
@@ -214,13 +131,13 @@ class SegmentBuild:
 
     def __init__(self, core: EncoderCore, out_dir: Path, buckets: Sequence[int],
                  calibration: dict[int, list[dict[str, np.ndarray]]],
-                 smoothing: Smoothing = DEFAULT_SMOOTHING,
+                 recipe: SegmentRecipe = DEFAULT_RECIPE,
                  progress: Optional[Callable[[str], None]] = None,
                  workers: Optional[int] = None,
                  on_segment_done: Optional[Callable[[], None]] = None,
                  templates: bool = True):
         self.core, self.out_dir, self.buckets = core, Path(out_dir), list(buckets)
-        self.calibration, self.smoothing, self.progress = calibration, smoothing, progress
+        self.calibration, self.recipe, self.progress = calibration, recipe, progress
         self.workers = default_workers() if workers is None else workers
         self.templates = templates
         self.on_segment_done = on_segment_done
@@ -240,12 +157,12 @@ class SegmentBuild:
         core, hidden = self.core, self.core.spec.hidden_size
         stats_samples = [s for t in self.buckets for s in self.calibration[t][:SCALE_SAMPLES]]
         self._say("segments: measuring per-channel scales")
-        scales = measure_scales(core, stats_samples, self.smoothing)
+        scales = measure_scales(core, stats_samples, self.recipe)
         atomic_write_npz(self.out_dir / HOST_FILE, host_constants(core, scales))
         pool = self._pool.enter_context(_segment_pool(self.workers))
         try:
             # per bucket: check the rewrite, have the workers convert one template per
-            # graph structure (segment_graph) while this process records the
+            # graph structure (``graph``) while this process records the
             # calibration inputs; then every segment is filled in and quantised
             prepared = []
             for seq_len in self.buckets:
@@ -284,7 +201,7 @@ class SegmentBuild:
         """Wait for every segment, check it, write it; the manifest entries per bucket."""
         from gemma_edge.manifest import atomic_write_bytes
 
-        from .quantize import check_fully_int8
+        from ..quantize import check_fully_int8
 
         entries = []
         for seq_len in self.buckets:
@@ -302,7 +219,7 @@ class SegmentBuild:
                             "seq_lens": [int(seq_len)],
                             "pool_slots": int(self.calibration[seq_len][0]["pool"].shape[1]),
                             "segments": files, "approach": APPROACH,
-                            "smoothing": self.smoothing.to_json(), "census": census,
+                            "smoothing": self.recipe.to_json(), "census": census,
                             "calibration_per_bucket": len(self.calibration[seq_len]),
                             "float_min_cosine": self.float_check[seq_len]})
             self._jobs[seq_len] = []  # the written graphs' bytes (~150 MB per bucket)
@@ -314,14 +231,14 @@ class SegmentBuild:
 
 def build_segmented(core: EncoderCore, out_dir: Path, buckets: Sequence[int],
                     calibration: dict[int, list[dict[str, np.ndarray]]],
-                    smoothing: Smoothing = DEFAULT_SMOOTHING,
+                    recipe: SegmentRecipe = DEFAULT_RECIPE,
                     progress: Optional[Callable[[str], None]] = None,
                     workers: Optional[int] = None, templates: bool = True) -> list[dict]:
     """Write every bucket's segments + the host constants; returns manifest entries
     (``SegmentBuild`` without other work in between). ``workers`` processes convert
     and quantise the segments (default ``default_workers()``); ``templates=False``
     converts every segment with litert-torch instead of filling templates."""
-    with SegmentBuild(core, out_dir, buckets, calibration, smoothing, progress,
+    with SegmentBuild(core, out_dir, buckets, calibration, recipe, progress,
                       workers, templates=templates) as build:
         return build.collect()
 
