@@ -14,7 +14,7 @@ from typing import Any
 
 from gemma_edge.errors import ArtifactError, InputError
 
-from .segments import graph_files, segmented_summary
+from .bucket_census import graph_files, segmented_summary
 
 TARGETS = ("usb", "pcie", "devboard")
 CLOCKS = ("std", "max")

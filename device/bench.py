@@ -196,7 +196,7 @@ def measure(artifacts: Path, backend: str, precision: str, runs: int, bulk: int,
     rss["embedder_opened"] = _current_rss_mb()
     result: dict[str, Any] = {"backend": emb.backend, "precision": precision,
                               "max_open_graphs": max_open_graphs,
-                              "weight_cache": emb._compiled is not None, "rss_stages_mb": rss,
+                              "weight_cache": emb.graphs.weight_cache is not None, "rss_stages_mb": rss,
                               "graph_role": emb.graph_role, "threads": threads, "buckets": {}}
     # Queries first, as an interactive process sees them: only the query buckets are open.
     for key, queries in (("query", QUERIES), ("longer_query", LONGER_QUERIES)):
@@ -282,21 +282,23 @@ def edgetpu_estimate(artifacts: Path, manifest: dict[str, Any]) -> Optional[dict
         from gemma_edge.compile.mapper import analyze
     except ImportError:
         return None
-    from gemma_edge.compile.segments import graph_files, segmented_summary
+    from gemma_edge.compile.bucket_census import segmented_summary
+    from gemma_edge.graph_entries import GraphEntry
 
     out: dict[str, Any] = {}
     for graph in graphs:
+        entry = GraphEntry.from_json(graph)
         try:
-            reports = [analyze(Path(artifacts) / f).to_json() for f in graph_files(graph)]
-            if graph.get("layout") == "segments":
+            reports = [analyze(Path(artifacts) / f).to_json() for f in entry.graph_files]
+            if entry.is_segments:
                 g = segmented_summary(Path(artifacts), graph,
                                       [r["graphs"][0] for r in reports])
             else:
                 g = reports[0]["graphs"][0]
         except Exception as exc:  # noqa: BLE001 - an estimate is optional in a benchmark
-            out[graph["path"]] = {"error": str(exc)}
+            out[entry.path] = {"error": str(exc)}
             continue
-        out[str(graph["seq_lens"][0])] = {
+        out[str(entry.seq_lens[0])] = {
             "compiles": all(r["compiles"] for r in reports), "mac_share": g["mac_share"],
             "op_share": g["op_share"], "streamed_bytes": g["streamed_bytes"],
             "ms": {f"{e['target']}-{e['clock']}": round(1000 * e["total_s"], 1)
@@ -305,12 +307,12 @@ def edgetpu_estimate(artifacts: Path, manifest: dict[str, Any]) -> Optional[dict
 
 
 def run(args: argparse.Namespace) -> int:
+    from gemma_edge.graph_entries import PRECISION_ROLE
     from gemma_edge.manifest import graphs_for_role, load_manifest
 
     manifest = load_manifest(args.artifacts)
     wanted = args.precisions.split(",")
-    available = {"float": "float", "int8": "int8", "full-int8": "edgetpu"}
-    precisions = [p for p in wanted if graphs_for_role(manifest, available.get(p, p))]
+    precisions = [p for p in wanted if graphs_for_role(manifest, PRECISION_ROLE.get(p, p))]
     report: dict[str, Any] = {"artifacts": str(args.artifacts), "machine": machine(),
                               "results": {}}
     with tempfile.TemporaryDirectory() as tmp:

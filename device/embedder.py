@@ -17,22 +17,22 @@ from typing import Any, Optional, Sequence, Union
 
 import numpy as np
 
-from gemma_edge.errors import ArtifactError, EdgeTpuUnavailableError, InputError
-from gemma_edge.manifest import artifact_id, find_graph, graphs_for_role, load_manifest
+from gemma_edge.errors import ArtifactError, InputError
+from gemma_edge.graph_entries import EDGETPU_COMPILED, entries_for
+from gemma_edge.manifest import artifact_id, load_manifest
 
-from .compiled import CompiledGraphRunner, CompiledGraphs, compiled_model_api, default_cache_dir, writable_dir
+from .open_graphs import OpenGraphs, Runner
 from .packing import bucket_inputs, pack_greedy
-from .runtime import GraphRunner, default_threads, first_line, interpreter_api
+from .runtime import default_threads
 from .table import EmbeddingTable
 from .tokenizer import TextTokenizer
 from .verify import FileVerifier
+from .weight_cache import default_cache_dir, writable_dir
 
 log = logging.getLogger("gemma_edge.device")
 
 BACKENDS = ("auto", "cpu", "edgetpu")
 PRECISIONS = ("auto", "float", "int8", "full-int8")
-# precision -> graph role on the CPU interpreter
-CPU_ROLE = {"float": "float", "int8": "int8", "full-int8": "edgetpu"}
 Texts = Union[str, Sequence[str]]
 
 
@@ -63,7 +63,7 @@ class Embedder:
     cache, ~0.3 s without). Graphs sharing one multi-signature file (the float
     export) count as one.
     weight_cache: directory for XNNPACK's packed-weight cache files (CPU graphs,
-    ai-edge-litert only; see device/compiled.py): None means ``$GEMMA_EDGE_CACHE_DIR``
+    ai-edge-litert only; see device/weight_cache.py): None means ``$GEMMA_EDGE_CACHE_DIR``
     or ``~/.cache/gemma-edge``, False disables it. The first open of a bucket packs
     its weights into a file there (~110 MB per int8 bucket, ~450 MB for the float
     graph); later opens map it, and memory peaks at one copy of the weights, not two.
@@ -90,7 +90,7 @@ class Embedder:
         self.verifier = FileVerifier(self.art_dir, self.manifest["files"], verify_files,
                                      _state_dir(weight_cache))
         if precision == "auto":
-            has_int8 = any(graphs_for_role(self.manifest, r) for r in ("int8", "edgetpu-compiled"))
+            has_int8 = any(entries_for(self.manifest, r) for r in ("int8", EDGETPU_COMPILED))
             precision = "int8" if has_int8 else "float"
         model = self.manifest["model"]
         self.hidden = int(model["hidden_size"])
@@ -102,23 +102,21 @@ class Embedder:
         self.device = device
         self.verifier.check(self.manifest["tokenizer"]["file"])
         self.tokenizer = TextTokenizer(self.art_dir, self.manifest["tokenizer"])
-        self._runners: dict[int, GraphRunner] = {}
-        self._runner_path: dict[int, str] = {}
         # Seconds spent per stage (tokenize, lookup, invoke, post): read by `gemma-edge bench`.
         self.stage_seconds: Counter = Counter()
-        self._interpreters: dict[str, Any] = {}
-        self.backend, self.graph_role, why = self._choose_backend(backend)
-        self._compiled = self._compiled_graphs(weight_cache) if self.backend == "cpu" else None
-        log.info("gemma-edge: %s backend, %s graph (%s)", self.backend, self.graph_role, why)
-        graphs = graphs_for_role(self.manifest, self.graph_role)
-        self.slots = int(graphs[0]["pool_slots"])
-        self.buckets = sorted({int(s) for g in graphs for s in (g.get("seq_lens") or [g["seq_len"]])})
+        self.graphs = OpenGraphs(self.art_dir, self.manifest, self.verifier, backend, precision,
+                                 self.num_threads, device, weight_cache, self.max_open_graphs)
+        self.backend, self.graph_role = self.graphs.backend, self.graphs.role
+        log.info("gemma-edge: %s backend, %s graph (%s)", self.backend, self.graph_role,
+                 self.graphs.reason)
+        self.slots = self.graphs.slots
+        self.buckets = self.graphs.buckets
         self.max_tokens = self.buckets[-1]
         # The full-int8 segments of a larger bucket are less exact (real model: a query in
         # the 256-token segments 0.966-0.974 to float, in the 64-token ones 0.980-0.982;
         # docs/quantization.md), so there texts are packed only into the smallest bucket
         # and a long text carries no short ones.
-        segmented = any(g.get("layout") == "segments" for g in graphs)
+        segmented = self.graphs.segmented
         default_pack = self.buckets[0] if segmented else 256
         self.pack_tokens = min(self.max_tokens,
                                default_pack if pack_tokens is None else pack_tokens)
@@ -131,179 +129,18 @@ class Embedder:
                 self.verifier.check(spec[key])
         self.table = EmbeddingTable(self.art_dir, spec)
 
-    # -- backend selection -------------------------------------------------------------
-    def _choose_backend(self, backend: str) -> tuple[str, str, str]:
-        compiled = graphs_for_role(self.manifest, "edgetpu-compiled")
-        if backend in ("auto", "edgetpu") and self.precision != "float":
-            if not compiled:
-                if backend == "edgetpu":
-                    raise ArtifactError(f"{self.art_dir}: no compiled Edge TPU graph; run "
-                                        "`gemma-edge compile` on the workstation first")
-                reason = "no compiled Edge TPU graph in the artifacts"
-            else:
-                try:
-                    probe = compiled[0]
-                    if probe.get("layout") == "segments":  # open one segment to probe
-                        probe = {"path": probe["segments"][0]}
-                    self._open(probe, backend="edgetpu")
-                    return "edgetpu", "edgetpu-compiled", "Edge TPU found"
-                except EdgeTpuUnavailableError as exc:
-                    if backend == "edgetpu":
-                        raise
-                    reason = str(exc).split(" (")[0]
-        elif backend == "edgetpu":
-            raise InputError("precision='float' cannot run on the Edge TPU (8-bit only); use "
-                             "precision='int8' or backend='cpu'")
-        else:
-            reason = "requested" if backend == "cpu" else "float precision runs on the CPU"
-        role = CPU_ROLE[self.precision]
-        if not graphs_for_role(self.manifest, role):
-            raise ArtifactError(f"{self.art_dir}: no {role!r} graph for precision "
-                                f"{self.precision!r}; re-export with a gemma-edge version "
-                                "that builds it (`gemma-edge export` makes every graph)")
-        return "cpu", role, reason
-
-    def _compiled_graphs(self, weight_cache: Union[str, Path, bool, None]
-                         ) -> Optional[CompiledGraphs]:
-        """The CompiledModel opener with a weight cache, or None (Interpreter path) when
-        it is off, the runtime lacks the API or the cache directory is not writable."""
-        if weight_cache is False:
-            return None
-        api = compiled_model_api()
-        if api is None:
-            return None
-        cache_dir = default_cache_dir() if weight_cache in (None, True) else Path(weight_cache)
-        if not writable_dir(cache_dir):
-            log.warning("gemma-edge: weight cache %s is not writable; graphs are packed in "
-                        "memory at each open (set GEMMA_EDGE_CACHE_DIR)", cache_dir)
-            return None
-        try:
-            return CompiledGraphs(api, cache_dir, self.num_threads)
-        except Exception as exc:  # noqa: BLE001 - a broken LiteRT install: the Interpreter still runs
-            log.warning("gemma-edge: LiteRT CompiledModel unavailable (%s); graphs are packed "
-                        "in memory at each open", exc)
-            return None
-
-    def _use_compiled(self, graph: dict[str, Any]) -> bool:
-        """CPU bucket graphs with float32 inputs and outputs (manifest ``io``) only
-        (``_compiled`` exists on the CPU backend only)."""
-        io = graph.get("io") or {}
-        tensors = [t for sig in io.values() for t in sig.get("inputs", []) + sig.get("outputs", [])]
-        return (self._compiled is not None and bool(tensors)
-                and all(t.get("dtype") == "float32" for t in tensors)
-                and graph["path"] in self.manifest.get("files", {}))
-
-    def _open(self, graph: dict[str, Any], cache: bool = True,
-              backend: Optional[str] = None) -> Any:
-        """The interpreter of ``graph["path"]`` on ``backend`` (default: the chosen one);
-        kept in the LRU of open files unless ``cache`` is off (segments: their runner
-        holds them)."""
-        path = graph["path"]
-        if path in self._interpreters:
-            return self._interpreters[path]
-        self.verifier.check(path)
-        if (backend or self.backend) == "edgetpu":
-            from .edgetpu import make_edgetpu_interpreter
-
-            interp = make_edgetpu_interpreter(self.art_dir / path, device=self.device,
-                                              num_threads=self.num_threads)
-        else:
-            Interpreter, _, _ = interpreter_api()
-            try:
-                interp = Interpreter(model_path=str(self.art_dir / path),
-                                     num_threads=self.num_threads)
-            except (ValueError, RuntimeError) as exc:
-                hint = (" It is compiled for the Edge TPU; run it with backend='edgetpu'."
-                        if "edgetpu-custom-op" in str(exc) else "")
-                raise ArtifactError(f"{self.art_dir / path}: the TFLite runtime cannot load "
-                                    f"it ({first_line(exc)}).{hint}") from exc
-        if cache:
-            self._interpreters[path] = interp
-        return interp
-
-    def runner(self, seq_len: int) -> GraphRunner:
-        if seq_len in self._runners:  # mark its file most recently used (dicts keep order)
-            path = self._runner_path[seq_len]
-            self._interpreters[path] = self._interpreters.pop(path)
-        else:
-            graph = self._graph_for(seq_len)
-            if graph is None:
-                raise ArtifactError(f"no {self.graph_role} graph for {seq_len} tokens")
-            if graph.get("layout") == "segments":
-                return self._segmented_runner(graph, seq_len)
-            self._evict_for(graph["path"])
-            signature = (graph.get("signatures") or {}).get(str(seq_len))
-            if self._use_compiled(graph):
-                return self._compiled_runner(graph, seq_len, signature)
-            interp = self._open(graph)
-            # On the CPU the packed weights live in XNNPACK's buffers; the Edge TPU streams
-            # parameters from the mapped file on every call, so its pages must stay.
-            release = self.art_dir / graph["path"] if self.backend == "cpu" else None
-            self._runners[seq_len] = GraphRunner(interp, signature, seq_len, self.hidden,
-                                                 self.slots, release_after_first_run=release)
-            self._runner_path[seq_len] = graph["path"]
-        return self._runners[seq_len]
-
-    def _graph_for(self, seq_len: int) -> Optional[dict[str, Any]]:
-        """The manifest entry that runs ``seq_len``: for int8 through CompiledModel the
-        one-file export of every bucket ("int8-shared": its weights are packed once for
-        all buckets), else the role's own graph (per-bucket files for the Interpreter,
-        which would pack a multi-signature file once per signature)."""
-        if self.graph_role == "int8":
-            shared = find_graph(self.manifest, "int8-shared", seq_len)
-            if shared is not None and self._use_compiled(shared):
-                return shared
-        return find_graph(self.manifest, self.graph_role, seq_len)
-
-    def _compiled_runner(self, graph: dict[str, Any], seq_len: int,
-                         signature: Optional[str]) -> Any:
-        path = graph["path"]
-        model = self._interpreters.get(path)
-        if model is None:
-            # the weight cache is named by the file's verified hash (None: not verified)
-            sha = self.verifier.check(path)
-            model = self._compiled.open(  # type: ignore[union-attr]
-                self.art_dir / path, sha, self.manifest["files"][path]["sha256"])
-            self._interpreters[path] = model
-        if signature is None:
-            signature = next(iter(model.get_signature_list()))
-        runner = CompiledGraphRunner(model, signature, seq_len, self.hidden, self.slots)
-        self._runners[seq_len] = runner  # type: ignore[assignment]
-        self._runner_path[seq_len] = path
-        return runner
-
-    def _segmented_runner(self, graph: dict[str, Any], seq_len: int) -> Any:
-        """The per-layer int8 segments of one bucket (export/segments.py), one LRU slot."""
-        from .segmented import SegmentedRunner
-
-        key = f"{graph['path']}#{seq_len}"
-        self._evict_for(key)
-        self.verifier.check(graph["path"])  # the host constants; each segment at its open
-        def open_graph(path: Path) -> Any:  # the runner holds its segments: one LRU slot
-            return self._open({"path": str(path.relative_to(self.art_dir))}, cache=False)
-
-        runner = SegmentedRunner(self.art_dir, graph, seq_len, open_graph)
-        self._interpreters[key] = runner
-        self._runners[seq_len] = runner  # type: ignore[assignment]
-        self._runner_path[seq_len] = key
-        return runner
-
-    def _evict_for(self, path: str) -> None:
-        """Close least recently used graph files until ``path`` fits under max_open_graphs."""
-        if not self.max_open_graphs or path in self._interpreters:
-            return
-        while len(self._interpreters) >= self.max_open_graphs:
-            oldest = next(iter(self._interpreters))
-            for seq_len in [t for t, p in self._runner_path.items() if p == oldest]:
-                del self._runners[seq_len], self._runner_path[seq_len]
-            del self._interpreters[oldest]
+    def runner(self, seq_len: int) -> Runner:
+        """The graph that runs the ``seq_len``-token bucket (opened on first use)."""
+        return self.graphs.runner(seq_len)
 
     # -- embedding ---------------------------------------------------------------------
     @property
     def artifact_id(self) -> str:
+        """The exported model's id (``manifest.artifact_id``): search indexes record it."""
         return artifact_id(self.manifest)
 
     def bucket_for(self, n_tokens: int) -> int:
+        """The smallest bucket that holds ``n_tokens``; an InputError beyond the largest."""
         for b in self.buckets:
             if n_tokens <= b:
                 return b
@@ -348,12 +185,8 @@ class Embedder:
         for seq_len, members in sorted(self.plan(lengths), key=lambda run: run[0]):
             runner = self.runner(seq_len)  # opened lazily: not part of the timed stages
             t0 = clock()
-            rows = np.zeros((1, seq_len, self.hidden), dtype=np.float32)
-            start = 0
-            for i in members:
-                rows[0, start:start + lengths[i]] = self.table.lookup(token_ids[i])
-                start += lengths[i]
-            mask, pool = bucket_inputs([lengths[i] for i in members], seq_len, self.slots)
+            rows, mask, pool = bucket_feed(self.table, [token_ids[i] for i in members], seq_len,
+                                           self.hidden, self.slots)
             t1 = clock()
             result = runner.run(rows, mask, pool)[:len(members)]
             self._check_finite(result, seq_len)
@@ -367,7 +200,7 @@ class Embedder:
         gave all-NaN vectors, and the int8 graph under tflite-runtime on an emulated
         arm64 board all-zero ones (docs/board-check.md). Every graph ends in the L2 norm,
         so a vector whose norm is not ~1 was not computed. Written so that NaN fails."""
-        graph = self._runner_path[seq_len].split("#")[0]  # segments: "host.npz#64"
+        graph = self.graphs.file_of(seq_len)
         finite = np.isfinite(result).all(axis=1)
         if not finite.all():
             raise ArtifactError(
@@ -427,6 +260,7 @@ class Embedder:
         return vectors
 
     def encode_query(self, texts: Texts, dim: Optional[int] = None) -> np.ndarray:
+        """``encode`` with EmbeddingGemma's query prompt ("task: search result | query: ")."""
         return self.encode(texts, prompt_name="query", dim=dim)
 
     def encode_document(self, texts: Texts, dim: Optional[int] = None,
@@ -449,6 +283,21 @@ class Embedder:
         if a.shape[1] != b.shape[1]:
             raise InputError(f"dimension mismatch: {a.shape[1]} vs {b.shape[1]}")
         return a @ b.T
+
+
+def bucket_feed(table: EmbeddingTable, group: Sequence[Sequence[int]], seq_len: int,
+                hidden: int, slots: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The graph inputs of one bucket run: the token rows of the texts in ``group`` one
+    after the other ([1, seq_len, hidden] float32, zero padding), the block-diagonal mask
+    and the pooling matrix (``packing.bucket_inputs``). The export's calibration builds
+    its samples with it too, so they are what the device feeds."""
+    rows = np.zeros((1, seq_len, hidden), dtype=np.float32)
+    start = 0
+    for ids in group:
+        rows[0, start:start + len(ids)] = table.lookup(ids)
+        start += len(ids)
+    mask, pool = bucket_inputs([len(ids) for ids in group], seq_len, slots)
+    return rows, mask, pool
 
 
 def document_text(text: str, title: Optional[str] = None) -> str:

@@ -105,8 +105,9 @@ def release_file_pages(path: Path) -> int:
     return released
 
 
-def quantize(x: np.ndarray, detail: dict[str, Any]) -> np.ndarray:
-    """float -> the tensor's int8/uint8 using its (scale, zero_point); float tensors pass."""
+def quantize_input(x: np.ndarray, detail: dict[str, Any]) -> np.ndarray:
+    """float -> the input tensor's int8/uint8 using its (scale, zero_point); float tensors
+    pass. (Graph I/O at run time, not the export's quantisation recipes, export/quantize.py.)"""
     dtype = detail["dtype"]
     if not np.issubdtype(dtype, np.integer):
         return x.astype(dtype, copy=False)
@@ -116,7 +117,8 @@ def quantize(x: np.ndarray, detail: dict[str, Any]) -> np.ndarray:
     return np.clip(q, info.min, info.max).astype(dtype)
 
 
-def dequantize(x: np.ndarray, detail: dict[str, Any]) -> np.ndarray:
+def dequantize_output(x: np.ndarray, detail: dict[str, Any]) -> np.ndarray:
+    """An output tensor's int8/uint8 values -> float32 (its scale, zero_point); float passes."""
     if not np.issubdtype(x.dtype, np.integer):
         return x.astype(np.float32, copy=False)
     scale, zero = detail["quantization"]
@@ -195,7 +197,7 @@ class GraphRunner:
         return self._in_details
 
     def run(self, embeddings: np.ndarray, mask: np.ndarray, pool: np.ndarray) -> np.ndarray:
-        arrays = [quantize(a, d) for a, d in zip((embeddings, mask, pool), self._in_details)]
+        arrays = [quantize_input(a, d) for a, d in zip((embeddings, mask, pool), self._in_details)]
         if self._runner is not None:
             out = self._runner(**dict(zip(self._in_names, arrays)))[self._out_name]
         else:
@@ -206,4 +208,4 @@ class GraphRunner:
         if self._release_path is not None:
             release_file_pages(self._release_path)
             self._release_path = None
-        return dequantize(out, self._out_detail).reshape(self.slots, -1)
+        return dequantize_output(out, self._out_detail).reshape(self.slots, -1)

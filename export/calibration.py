@@ -16,8 +16,8 @@ from typing import Any, Optional, Sequence
 import numpy as np
 
 from gemma_edge.datasets import load_calibration_corpus
-from gemma_edge.device.embedder import document_text
-from gemma_edge.device.packing import bucket_inputs, pack_greedy
+from gemma_edge.device.embedder import bucket_feed, document_text
+from gemma_edge.device.packing import pack_greedy
 
 
 def corpus_token_ids(embedder: Any, rows: Optional[Sequence[dict[str, Any]]] = None
@@ -53,13 +53,13 @@ def bucket_samples(embedder: Any, token_ids: Sequence[Sequence[int]], seq_len: i
     samples: list[dict[str, np.ndarray]] = []
     n_single = count - count // 2 if short else count
     for ids in rng.sample(singles, min(n_single, len(singles))):
-        samples.append(_inputs(embedder, [ids], seq_len))
+        samples.append(text_inputs(embedder, [ids], seq_len))
     while len(samples) < count and short:
         group = rng.sample(short, min(len(short), embedder.slots * 2))
         bins = pack_greedy([len(g) for g in group], seq_len, embedder.slots)
-        samples.append(_inputs(embedder, [group[i] for i in bins[0]], seq_len))
+        samples.append(text_inputs(embedder, [group[i] for i in bins[0]], seq_len))
     while len(samples) < count and singles:
-        samples.append(_inputs(embedder, [rng.choice(singles)], seq_len))
+        samples.append(text_inputs(embedder, [rng.choice(singles)], seq_len))
     return samples
 
 
@@ -77,14 +77,12 @@ def bucket_texts(token_ids: Sequence[Sequence[int]], seq_len: int, ladder: Seque
             [cut_to_bucket(ids, seq_len) for ids in token_ids if len(ids) > seq_len])
 
 
-def _inputs(embedder: Any, group: Sequence[Sequence[int]], seq_len: int
-            ) -> dict[str, np.ndarray]:
-    rows = np.zeros((1, seq_len, embedder.hidden), dtype=np.float32)
-    start = 0
-    for ids in group:
-        rows[0, start:start + len(ids)] = embedder.table.lookup(ids)
-        start += len(ids)
-    mask, pool = bucket_inputs([len(g) for g in group], seq_len, embedder.slots)
+def text_inputs(host: Any, group: Sequence[Sequence[int]], seq_len: int
+                ) -> dict[str, np.ndarray]:
+    """One graph-input dict (embeddings, mask, pool) for the texts ``group`` (token ids)
+    in one ``seq_len`` bucket, built as the device builds it (``device.embedder.bucket_feed``);
+    ``host``: an Embedder or a ``TextHost``."""
+    rows, mask, pool = bucket_feed(host.table, group, seq_len, host.hidden, host.slots)
     return {"embeddings": rows, "mask": mask, "pool": pool}
 
 

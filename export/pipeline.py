@@ -374,7 +374,7 @@ def _shared_int8_embedder(emb: Any, cache_dir: Path) -> Optional[Any]:
     if emb.graph_role != "int8" or find_graph(emb.manifest, "int8-shared") is None:
         return None
     shared = Embedder(emb.art_dir, backend="cpu", precision="int8", weight_cache=cache_dir)
-    return shared if shared._compiled is not None else None
+    return shared if shared.graphs.weight_cache is not None else None
 
 
 def verify_artifacts(art_dir: Path, checkpoint_dir: Path, precision: str,

@@ -31,14 +31,14 @@ def heldout_inputs(art_dir: Path, seq_len: int, count: int) -> list[dict[str, np
     """Half queries, half documents of the held-out set, one text per bucket."""
     from gemma_edge.datasets import load_heldout
     from gemma_edge.device import Embedder
-    from gemma_edge.export.calibration import _inputs
+    from gemma_edge.export.calibration import text_inputs
 
     emb = Embedder(art_dir, backend="cpu", precision="float")
     queries, docs = load_heldout()
     texts = ([emb.prompts["query"] + q["text"] for q in queries[:count // 2]]
              + [document_text(d["text"]) for d in docs[:count - count // 2]])
     ids, _ = emb.tokenizer.encode(texts, seq_len)  # cut to the bucket, EOS kept
-    return [_inputs(emb, [i], seq_len) for i in ids]
+    return [text_inputs(emb, [i], seq_len) for i in ids]
 
 
 DEV_EVERY = 10  # every 10th corpus text is held back from calibration by --eval-texts corpus
@@ -61,12 +61,12 @@ def corpus_dev_inputs(emb: Any, seq_len: int, count: int,
     calibration picks its single texts (``calibration.bucket_texts``; the longer texts,
     cut, after them), spread over the languages in corpus order. ``emb``: a float
     Embedder of the export."""
-    from gemma_edge.export.calibration import _inputs, bucket_texts, corpus_token_ids
+    from gemma_edge.export.calibration import bucket_texts, corpus_token_ids, text_inputs
 
     served, longer = bucket_texts(corpus_token_ids(emb, rows), seq_len, emb.buckets)
     fits = served + longer
     step = max(1, len(fits) // count)
-    return [_inputs(emb, [i], seq_len) for i in fits[::step][:count]]
+    return [text_inputs(emb, [i], seq_len) for i in fits[::step][:count]]
 
 
 def full_bucket_inputs(art_dir: Path, seq_len: int, count: int) -> list[dict[str, np.ndarray]]:
@@ -77,7 +77,7 @@ def full_bucket_inputs(art_dir: Path, seq_len: int, count: int) -> list[dict[str
     from gemma_edge.datasets import load_heldout
     from gemma_edge.device import Embedder
     from gemma_edge.errors import InputError
-    from gemma_edge.export.calibration import _inputs, cut_to_bucket
+    from gemma_edge.export.calibration import cut_to_bucket, text_inputs
 
     emb = Embedder(art_dir, backend="cpu", precision="float")
     _, docs = load_heldout()
@@ -85,7 +85,7 @@ def full_bucket_inputs(art_dir: Path, seq_len: int, count: int) -> list[dict[str
     full = [cut_to_bucket(i, seq_len) for i in ids if len(i) >= seq_len][:count]
     if not full:
         raise InputError(f"no held-out document has {seq_len} tokens: use a smaller --seq-len")
-    return [_inputs(emb, [i], seq_len) for i in full]
+    return [text_inputs(emb, [i], seq_len) for i in full]
 
 
 def study(checkpoint: str, art_dir: Path, seq_len: int, recipe: Any,
@@ -115,7 +115,7 @@ def _study(checkpoint: str, art_dir: Path, seq_len: int, recipe: Any,
     from tqdm import tqdm
 
     from gemma_edge.device import Embedder
-    from gemma_edge.device.segmented import _Segment
+    from gemma_edge.device.segment_host import SegmentGraph
     from gemma_edge.export import segments as seg
     from gemma_edge.export.calibration import calibration_from, calibration_set
     from gemma_edge.export.checkpoint import load_checkpoint
@@ -145,7 +145,7 @@ def _study(checkpoint: str, art_dir: Path, seq_len: int, recipe: Any,
                                     feeds, range_function(ranges))
             path = Path(tmp) / f"{kind}_{i}.tflite"
             path.write_bytes(data)
-            int8[(i, kind)] = _Segment(Interpreter(model_path=str(path), num_threads=2), str(path))
+            int8[(i, kind)] = SegmentGraph(Interpreter(model_path=str(path), num_threads=2), str(path))
 
         def run(i: int, kind: str, x: Any, mask: Optional[Any]) -> Any:
             if (i, kind) not in int8:

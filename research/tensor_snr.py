@@ -47,13 +47,13 @@ def _interpreter(model: bytes) -> Any:
 
 
 def _feed(interp: Any, feed: dict[str, np.ndarray]) -> None:
-    from gemma_edge.device.runtime import quantize
+    from gemma_edge.device.runtime import quantize_input
 
     details = interp.get_input_details()
     for d in details:
         # by rank, as the device's segment runner does (a/b [1, 1, T, C], mask [1, T, T])
         value = next(v for v in feed.values() if v.ndim == len(d["shape"]))
-        interp.set_tensor(d["index"], quantize(np.asarray(value, np.float32), d))
+        interp.set_tensor(d["index"], quantize_input(np.asarray(value, np.float32), d))
     interp.invoke()
 
 
@@ -63,7 +63,7 @@ def tensor_snr(float_model: bytes, int8_model: bytes,
 
     Tensors without a float counterpart of the same name and shape are skipped.
     """
-    from gemma_edge.device.runtime import dequantize
+    from gemma_edge.device.runtime import dequantize_output
 
     ref, q8 = _interpreter(float_model), _interpreter(int8_model)
     float_index = {d["name"]: d for d in ref.get_tensor_details()}
@@ -81,7 +81,7 @@ def tensor_snr(float_model: bytes, int8_model: bytes,
                 if f is None or tuple(f["shape"]) != tuple(d["shape"]):
                     continue
                 want = ref.get_tensor(f["index"]).astype(np.float64)
-                got = dequantize(q8.get_tensor(t), d).astype(np.float64)
+                got = dequantize_output(q8.get_tensor(t), d).astype(np.float64)
                 signal[t] = signal.get(t, 0.0) + float((want ** 2).sum())
                 noise[t] = noise.get(t, 0.0) + float(((got - want) ** 2).sum())
     rows = []

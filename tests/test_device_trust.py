@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from gemma_edge.device import Embedder, verify
-from gemma_edge.device.compiled import compiled_model_api
+from gemma_edge.device.weight_cache import compiled_model_api
 from gemma_edge.errors import ArtifactError, InputError
 from gemma_edge.manifest import atomic_write_json, describe_files
 
@@ -224,7 +224,7 @@ def test_unverified_graphs_get_their_own_weight_cache(art, tmp_path):
     emb = Embedder(art, backend="cpu", precision="int8", weight_cache=cache)
     emb.encode_query(QUERIES)
     sha = emb.manifest["files"]["encoder_int8_all.tflite"]["sha256"]
-    assert emb._compiled.cache_path(sha).exists()
+    assert emb.graphs.weight_cache.cache_path(sha).exists()
     # now remembered: a --no-verify open uses the verified cache, packs nothing new
     Embedder(art, backend="cpu", precision="int8", weight_cache=cache,
              verify_files=False).encode_query(QUERIES)
@@ -263,7 +263,7 @@ def test_finite_check_fails_on_nan(art):
     """The check itself: one NaN in one text's vector is enough."""
     emb = Embedder(art, backend="cpu", precision="int8")
     emb.encode_query(QUERIES)
-    bucket = next(iter(emb._runners))
+    bucket = next(iter(emb.graphs.runners))
     result = np.full((2, 4), 0.5, dtype=np.float32)  # unit rows
     emb._check_finite(result, bucket)
     result[1, 3] = np.nan
@@ -276,7 +276,7 @@ def test_an_all_zero_vector_is_refused(art, monkeypatch):
     (docs/board-check.md): a vector that is not unit length was not computed."""
     emb = Embedder(art, backend="cpu", precision="int8")
     emb.encode_query(QUERIES)
-    runner = next(iter(emb._runners.values()))
+    runner = next(iter(emb.graphs.runners.values()))
     monkeypatch.setattr(runner, "run", lambda *a: np.zeros((emb.slots, emb.output_dim), np.float32))
     with pytest.raises(ArtifactError, match="2 of 2 vectors that are not unit length"):
         emb.encode_query(QUERIES)

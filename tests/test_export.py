@@ -313,11 +313,11 @@ def test_max_open_graphs_bounds_open_files(tiny_artifacts, embedder):
                    pack_tokens=0, weight_cache=False)
     texts = ["a", "a much longer text about foxes and the lazy dog " * 2, "b c d e f g h i j k"]
     out = emb.encode_query(texts)
-    assert len(emb._interpreters) == 1
+    assert len(emb.graphs.open_files) == 1
     again = Embedder(tiny_artifacts, backend="cpu", precision="int8", pack_tokens=0,
                      weight_cache=False)
     np.testing.assert_allclose(out, again.encode_query(texts), atol=1e-6)
-    assert len(again._interpreters) > 1
+    assert len(again.graphs.open_files) > 1
 
 
 def test_int8_buckets_share_one_file_through_the_weight_cache(tiny_artifacts, tmp_path):
@@ -336,8 +336,8 @@ def test_int8_buckets_share_one_file_through_the_weight_cache(tiny_artifacts, tm
     emb = Embedder(tiny_artifacts, backend="cpu", precision="int8", pack_tokens=0,
                    weight_cache=cache)
     out = emb.encode_query(texts)
-    assert len(emb._runners) > 1  # several buckets ran ...
-    assert list(emb._interpreters) == [shared[0]["path"]]  # ... from one file
+    assert len(emb.graphs.runners) > 1  # several buckets ran ...
+    assert emb.graphs.open_files == [shared[0]["path"]]  # ... from one file
     assert len(list(cache.glob("*.xnnpack"))) == 1
     plain = Embedder(tiny_artifacts, backend="cpu", precision="int8", pack_tokens=0,
                      weight_cache=False)

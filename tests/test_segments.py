@@ -152,8 +152,9 @@ def test_truncation_warning_names_the_longer_graphs(tiny_artifacts, caplog):
 def test_segmented_runner_explains_broken_artifacts(tiny_artifacts, tmp_path):
     import shutil
 
-    from gemma_edge.device.segmented import SegmentedRunner
+    from gemma_edge.device.segment_host import SegmentRunner
     from gemma_edge.errors import ArtifactError
+    from gemma_edge.graph_entries import GraphEntry
     from gemma_edge.manifest import find_graph, load_manifest
 
     graph = find_graph(load_manifest(tiny_artifacts), "edgetpu", BUCKET)
@@ -163,13 +164,13 @@ def test_segmented_runner_explains_broken_artifacts(tiny_artifacts, tmp_path):
 
     short = dict(graph, segments=graph["segments"][:-1])
     with pytest.raises(ArtifactError, match="segments for 4 layers"):
-        SegmentedRunner(tiny_artifacts, short, BUCKET, never_opened)
+        SegmentRunner(tiny_artifacts, GraphEntry.from_json(short), BUCKET, never_opened)
     (tmp_path / "edgetpu").mkdir()
     (tmp_path / graph["path"]).write_bytes(b"not an npz")
     for name in graph["segments"]:
         shutil.copy(tiny_artifacts / name, tmp_path / name)
     with pytest.raises(ArtifactError, match="host.npz: cannot read the segment constants"):
-        SegmentedRunner(tmp_path, graph, BUCKET, never_opened)
+        SegmentRunner(tmp_path, GraphEntry.from_json(graph), BUCKET, never_opened)
 
 
 def test_profiler_calibration_equals_the_tensor_copying_one(tiny_core, calibration):
@@ -407,7 +408,7 @@ def test_two_range_gelu_product_is_exact_in_float_and_fully_int8(tiny_core, cali
     from ai_edge_litert.interpreter import Interpreter
 
     from gemma_edge.compile.mapper import analyze
-    from gemma_edge.device.segmented import _Segment
+    from gemma_edge.device.segment_host import SegmentGraph
     from gemma_edge.export import segments as seg
     from gemma_edge.export.coral_ops import apply_conv, gelu_sigmoid
     from gemma_edge.export.quantize import check_fully_int8
@@ -451,7 +452,7 @@ def test_two_range_gelu_product_is_exact_in_float_and_fully_int8(tiny_core, cali
         ops = [op["op_name"] for op in Interpreter(model_content=data)._get_ops_details()]
         assert "QUANTIZE" not in ops and "DEQUANTIZE" not in ops, ops
         assert ops.count("CONV_2D") == (5 if name == "split" else 3)
-        run = _Segment(Interpreter(model_content=data), name)
+        run = SegmentGraph(Interpreter(model_content=data), name)
         out_scale = scales[0].ff_out.reshape(-1, 1, hidden)
 
         def branch(out: np.ndarray, out_scale: np.ndarray = out_scale) -> np.ndarray:

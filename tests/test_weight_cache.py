@@ -1,4 +1,4 @@
-"""CPU graphs through LiteRT's CompiledModel with XNNPACK's weight cache (device/compiled.py).
+"""CPU graphs through LiteRT's CompiledModel with XNNPACK's weight cache (device/weight_cache.py).
 
 Same vectors as the Interpreter path, one cache file per graph content, reused by the
 next process, rebuilt when damaged, never left half-written; off when not writable.
@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 
 from gemma_edge.device import Embedder
-from gemma_edge.device.compiled import CompiledGraphRunner, compiled_model_api
 from gemma_edge.device.runtime import GraphRunner
+from gemma_edge.device.weight_cache import WeightCachedRunner, compiled_model_api
 
 pytestmark = pytest.mark.skipif(compiled_model_api() is None,
                                 reason="this LiteRT runtime has no CompiledModel API")
@@ -35,9 +35,10 @@ def test_same_vectors_as_interpreter_and_cache_reused(tiny_artifacts, tmp_path, 
     emb = Embedder(tiny_artifacts, backend="cpu", precision=precision, weight_cache=cache)
     got = _vectors(emb)
     np.testing.assert_allclose(got, reference, atol=1e-6)
-    assert emb._runners and all(isinstance(r, CompiledGraphRunner) for r in emb._runners.values())
+    assert emb.graphs.runners and all(isinstance(r, WeightCachedRunner)
+                               for r in emb.graphs.runners.values())
     files = sorted(cache.glob("*.xnnpack"))
-    opened = {emb._runner_path[s] for s in emb._runners}
+    opened = {emb.graphs.file_of(s) for s in emb.graphs.runners}
     assert len(files) == len(opened)  # one per graph file (the float export is one file)
     assert all(f.suffix == ".xnnpack" and f.stat().st_size > 0 for f in files)
     stamps = {f: f.stat().st_mtime_ns for f in files}
@@ -62,17 +63,17 @@ def test_cache_name_follows_graph_content(tiny_artifacts, tmp_path):
     """A cache packed from other weights is never used: the name is the graph's SHA-256."""
     emb = Embedder(tiny_artifacts, backend="cpu", precision="int8", weight_cache=tmp_path)
     emb.encode_query(["hello"])
-    path = emb._runner_path[16]
+    path = emb.graphs.file_of(16)
     sha = emb.manifest["files"][path]["sha256"]
-    assert [f.name for f in tmp_path.glob("*.xnnpack")] == [emb._compiled.cache_path(sha).name]
-    assert sha[:32] in emb._compiled.cache_path(sha).name
+    assert [f.name for f in tmp_path.glob("*.xnnpack")] == [emb.graphs.weight_cache.cache_path(sha).name]
+    assert sha[:32] in emb.graphs.weight_cache.cache_path(sha).name
 
 
 def test_failed_open_leaves_no_partial_cache(tiny_artifacts, tmp_path, monkeypatch):
     from gemma_edge.errors import ArtifactError
 
     emb = Embedder(tiny_artifacts, backend="cpu", precision="int8", weight_cache=tmp_path)
-    real = emb._compiled.api["CompiledModel"]
+    real = emb.graphs.weight_cache.api["CompiledModel"]
 
     class Failing:
         @staticmethod
@@ -80,11 +81,11 @@ def test_failed_open_leaves_no_partial_cache(tiny_artifacts, tmp_path, monkeypat
             open(options.cpu_options.xnnpack_weight_cache_path, "wb").write(b"partial")
             raise RuntimeError("simulated failure while packing")
 
-    monkeypatch.setitem(emb._compiled.api, "CompiledModel", Failing)
+    monkeypatch.setitem(emb.graphs.weight_cache.api, "CompiledModel", Failing)
     with pytest.raises(ArtifactError, match="cannot load it"):
         emb.encode_query(["hello"])
     assert list(tmp_path.glob("*.xnnpack*")) == []
-    monkeypatch.setitem(emb._compiled.api, "CompiledModel", real)
+    monkeypatch.setitem(emb.graphs.weight_cache.api, "CompiledModel", real)
     assert emb.encode_query(["hello"]).shape == (1, emb.output_dim)
 
 
@@ -96,7 +97,7 @@ def test_unwritable_cache_falls_back_to_interpreter(tiny_artifacts, tmp_path, ca
                        weight_cache=blocker / "cache")
     assert "not writable" in caplog.text
     emb.encode_query(["hello"])
-    assert all(isinstance(r, GraphRunner) for r in emb._runners.values())
+    assert all(isinstance(r, GraphRunner) for r in emb.graphs.runners.values())
 
 
 def test_default_cache_dir_from_environment(tiny_artifacts, tmp_path, monkeypatch):
@@ -107,15 +108,15 @@ def test_default_cache_dir_from_environment(tiny_artifacts, tmp_path, monkeypatc
 
 def test_broken_compiled_runtime_falls_back_to_interpreter(tiny_artifacts, tmp_path,
                                                            monkeypatch, caplog):
-    from gemma_edge.device import compiled
+    from gemma_edge.device import weight_cache
 
     def broken(*args, **kwargs):
         raise RuntimeError("no environment")
 
-    monkeypatch.setattr(compiled.CompiledGraphs, "__init__", broken)
+    monkeypatch.setattr(weight_cache.WeightCachedGraphs, "__init__", broken)
     with caplog.at_level(logging.WARNING, logger="gemma_edge.device"):
         emb = Embedder(tiny_artifacts, backend="cpu", precision="int8", weight_cache=tmp_path)
-    assert "CompiledModel unavailable" in caplog.text and emb._compiled is None
+    assert "CompiledModel unavailable" in caplog.text and emb.graphs.weight_cache is None
     assert emb.encode_query(["hello"]).shape == (1, emb.output_dim)
 
 
@@ -130,8 +131,8 @@ def test_graph_file_pages_released_after_open(tiny_artifacts, tmp_path, resident
         emb = Embedder(tiny_artifacts, backend="cpu", precision="int8",
                        weight_cache=tmp_path / "wc")
         runner = emb.runner(emb.buckets[0])  # opens the file, no run yet
-        graph_file = (tiny_artifacts / emb._runner_path[emb.buckets[0]]).resolve()
-        assert isinstance(runner, CompiledGraphRunner) and resident_kib(graph_file) == 0
+        graph_file = (tiny_artifacts / emb.graphs.file_of(emb.buckets[0])).resolve()
+        assert isinstance(runner, WeightCachedRunner) and resident_kib(graph_file) == 0
         for _ in range(2):
             np.testing.assert_allclose(emb.encode_query(QUERIES), reference, atol=1e-6)
         assert resident_kib(graph_file) < graph_file.stat().st_size / 1024 / 2
@@ -141,7 +142,7 @@ def test_plugin_search_path_is_an_empty_folder_not_the_cache(tiny_artifacts, tmp
     """LiteRT walks its plugin paths recursively at every open: pointed at the cache dir,
     whatever else lives there (a board userland under ~/.cache/gemma-edge) made the first
     open take minutes. They must name an empty folder of the project's own."""
-    from gemma_edge.device import compiled
+    from gemma_edge.device import weight_cache
 
     seen: dict = {}
     api = dict(compiled_model_api())
@@ -154,7 +155,7 @@ def test_plugin_search_path_is_an_empty_folder_not_the_cache(tiny_artifacts, tmp
     api["EnvironmentOptions"] = recording_options
     cache = tmp_path / "wc"
     (cache / "unrelated" / "deep").mkdir(parents=True)
-    compiled.CompiledGraphs(api, cache, num_threads=1)
+    weight_cache.WeightCachedGraphs(api, cache, num_threads=1)
     for key in ("compiler_plugin_path", "dispatch_library_path"):
         path = os.path.realpath(seen[key])
         assert path != os.path.realpath(cache)

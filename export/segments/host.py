@@ -1,6 +1,6 @@
 """The host's part of the segmented encoder in torch: the loop around the segments.
 
-``host_forward`` is what the device runs in numpy (device/segmented.py) between the
+``host_forward`` is what the device runs in numpy (device/segment_host.py) between the
 segment graphs: the residual stream in float, the RMSNorms, pooling, the Dense head and
 the L2 norm, with ``run(layer, kind, input, mask)`` computing each segment (the torch
 modules, the encoder's own float layers, or int8 graphs). ``check_float`` proves the

@@ -27,10 +27,11 @@ def segment_sensitivity(core: EncoderCore, art_dir: Path, graph: dict,
     """
     from ai_edge_litert.interpreter import Interpreter
 
-    from gemma_edge.device.segmented import SegmentedRunner
+    from gemma_edge.device.segment_host import SegmentRunner
+    from gemma_edge.graph_entries import GraphEntry
 
     seq_len = int(graph["seq_lens"][0])
-    runner = SegmentedRunner(art_dir, graph, seq_len,
+    runner = SegmentRunner(art_dir, GraphEntry.from_json(graph), seq_len,
                              lambda path: Interpreter(model_path=str(path), num_threads=2))
     scales = scales_from_host(runner.host)
     float_run = torch_runner(layer_segments(core, seq_len, scales))

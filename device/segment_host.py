@@ -1,4 +1,4 @@
-"""Host loop of the segmented full-int8 encoder (see export/segments.py for the why).
+"""The host loop of the full-int8 segments (export/segments/ says why they exist).
 
 Each layer is two fully int8 graphs (attention, MLP) that run on the Edge TPU
 (or the CPU interpreter, emulating it); between them this loop keeps the
@@ -9,21 +9,22 @@ head and L2-normalises. numpy only: it runs on a Coral Dev Board.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable
 
 import numpy as np
 
 from gemma_edge.errors import ArtifactError
+from gemma_edge.graph_entries import GraphEntry
 
-from .runtime import dequantize, quantize
+from .runtime import dequantize_output, quantize_input
 
 
 def _rms(x: np.ndarray, eps: float) -> np.ndarray:
     return x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + eps)
 
 
-class _Segment:
-    """One segment interpreter: float in, float out, int8 at its boundary."""
+class SegmentGraph:
+    """One segment's interpreter: float in, float out, int8 at its boundary."""
 
     def __init__(self, interpreter: Any, path: str):
         interpreter.allocate_tensors()
@@ -40,31 +41,32 @@ class _Segment:
 
     def __call__(self, x: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray:
         interp = self.interpreter
-        interp.set_tensor(self.a["index"], quantize(x.reshape(self.a["shape"]), self.a))
+        interp.set_tensor(self.a["index"], quantize_input(x.reshape(self.a["shape"]), self.a))
         if self.mask is not None and mask is not None:
-            interp.set_tensor(self.mask["index"], quantize(mask, self.mask))
+            interp.set_tensor(self.mask["index"], quantize_input(mask, self.mask))
         interp.invoke()
-        return dequantize(interp.get_tensor(self.out["index"]), self.out)
+        return dequantize_output(interp.get_tensor(self.out["index"]), self.out)
 
 
-class SegmentedRunner:
-    """``run(embeddings, mask, pool) -> [S, D]`` like ``runtime.GraphRunner``."""
+class SegmentRunner:
+    """One bucket's segments and the host loop around them: a ``graphs.Runner``,
+    ``run(embeddings, mask, pool) -> [S, D]`` like ``runtime.GraphRunner``."""
 
-    def __init__(self, art_dir: Path, entry: dict[str, Any], seq_len: int,
+    def __init__(self, art_dir: Path, entry: GraphEntry, seq_len: int,
                  open_graph: Callable[[Path], Any]):
         self.seq_len = seq_len
-        self.slots = int(entry["pool_slots"])
+        self.slots = entry.pool_slots
         try:
-            with np.load(Path(art_dir) / entry["path"]) as host:
+            with np.load(Path(art_dir) / entry.path) as host:
                 self.host = {k: host[k] for k in host.files}
         except (OSError, ValueError) as exc:
-            raise ArtifactError(f"{Path(art_dir) / entry['path']}: cannot read the segment "
+            raise ArtifactError(f"{Path(art_dir) / entry.path}: cannot read the segment "
                                 f"constants ({exc}); re-export") from exc
-        files: Sequence[str] = entry["segments"]
         layers = len(self.host["attn_in"])
-        if len(files) != 2 * layers:
-            raise ArtifactError(f"manifest lists {len(files)} segments for {layers} layers")
-        self.segments = [_Segment(open_graph(Path(art_dir) / f), f) for f in files]
+        if len(entry.segments) != 2 * layers:
+            raise ArtifactError(f"manifest lists {len(entry.segments)} segments for {layers} "
+                                "layers")
+        self.segments = [SegmentGraph(open_graph(Path(art_dir) / f), f) for f in entry.segments]
 
     def run(self, embeddings: np.ndarray, mask: np.ndarray, pool: np.ndarray) -> np.ndarray:
         h = self.host

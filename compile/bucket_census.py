@@ -1,7 +1,7 @@
-"""Pre-flight of the segmented export: one bucket's per-layer segments as one workload.
+"""Pre-flight of the full-int8 segments: one bucket's per-layer segments as one workload.
 
 The export writes the Edge TPU role as 48 co-compiled segments per bucket plus host
-constants (export/segments.py); this module lists their files and sums the mapper's
+constants (export/segments/); this module lists their files and sums the mapper's
 per-segment reports into the bucket's totals, adding the MACs the host does outside
 every graph (pooling and the Dense head).
 """
@@ -11,10 +11,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from gemma_edge.graph_entries import GraphEntry
+
 
 def graph_files(graph: dict[str, Any]) -> list[str]:
     """The TFLite files of a manifest graph entry: one, or the per-layer segments."""
-    return list(graph["segments"]) if graph.get("layout") == "segments" else [graph["path"]]
+    return GraphEntry.from_json(graph).graph_files
 
 
 def segmented_summary(art: Path, graph: dict[str, Any], reports: list[dict[str, Any]]
@@ -24,9 +26,10 @@ def segmented_summary(art: Path, graph: dict[str, Any], reports: list[dict[str, 
 
     from .estimate import cocompiled_summary
 
-    seq, slots = int(graph["seq_lens"][0]), int(graph["pool_slots"])
+    entry = GraphEntry.from_json(graph)
+    seq, slots = entry.seq_lens[0], entry.pool_slots
     host_macs = 0
-    with np.load(art / graph["path"]) as host:
+    with np.load(art / entry.path) as host:
         hidden = int(host["final_gain"].shape[0])
         host_macs += slots * seq * hidden  # pooling
         for k in range(int(host["dense_count"])):

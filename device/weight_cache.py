@@ -76,7 +76,7 @@ def writable_dir(path: Path) -> bool:
     return os.access(path, os.W_OK | os.X_OK)
 
 
-class CompiledGraphs:
+class WeightCachedGraphs:
     """Opens float-I/O graph files as CompiledModels, each with its weight cache file.
 
     The cache file is named by the graph file's own verified SHA-256 and the runtime
@@ -199,7 +199,7 @@ class CompiledGraphs:
         return model
 
 
-class CompiledGraphRunner:
+class WeightCachedRunner:
     """One signature of a CompiledModel: ``run(embeddings, mask, pool) -> [S, D]`` float32.
 
     Same contract as ``runtime.GraphRunner`` for float-I/O graphs (the CPU float and
