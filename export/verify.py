@@ -8,10 +8,13 @@ tokenizer, on-disk table, bucketing, graph, MRL).
 
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
 import numpy as np
+
+from gemma_edge.errors import VerificationError
 
 SAMPLE_TEXTS = [
     "How do I reset my router to factory settings?",
@@ -95,3 +98,66 @@ def tokenizers_agree(checkpoint_dir: Path, texts: Sequence[str]) -> tuple[bool, 
         if list(sp.encode(text)) != enc.ids:
             mismatches += 1
     return mismatches == 0, mismatches
+
+
+def _shared_int8_embedder(emb: Any, cache_dir: Path) -> Optional[Any]:
+    """An Embedder that runs the one-file int8 export (weight cache in ``cache_dir``), when
+    ``emb`` (int8, Interpreter path) has one and LiteRT's CompiledModel runs here."""
+    from gemma_edge.device import Embedder
+    from gemma_edge.manifest import find_graph
+
+    if emb.graph_role != "int8" or find_graph(emb.manifest, "int8-shared") is None:
+        return None
+    shared = Embedder(emb.art_dir, backend="cpu", precision="int8", weight_cache=cache_dir)
+    return shared if shared.graphs.weight_cache is not None else None
+
+
+def verify_artifacts(art_dir: Path, checkpoint_dir: Path, precision: str,
+                     min_cosine: float, texts: Optional[Sequence[str]] = None) -> dict[str, Any]:
+    """Embed sample texts through the device runtime and compare with sentence-transformers.
+
+    Raises VerificationError when any text's cosine falls below ``min_cosine``
+    at the full dimension.
+    """
+    from gemma_edge.device import Embedder
+
+    # no XNNPACK weight cache: a one-off run on the workstation (and a staging folder)
+    emb = Embedder(art_dir, backend="cpu", precision=precision, weight_cache=False)
+    reference = reference_model(checkpoint_dir, emb.max_tokens)
+    if texts is None:
+        def count(text: str) -> int:
+            return len(emb.tokenizer.encode([emb.prompts.get("document", "") + text],
+                                            10**6)[0][0])
+
+        texts = list(SAMPLE_TEXTS) + length_targeted_texts(count, emb.buckets)
+    result: dict[str, Any] = {"texts": len(texts)}
+    mins: list[float] = []
+    with tempfile.TemporaryDirectory(prefix="gemma-edge-verify-") as cache:
+        shared = _shared_int8_embedder(emb, Path(cache))
+        for prompt_name in ("query", "document"):
+            ours = emb.encode(texts, prompt_name=prompt_name)
+            bad = int(np.count_nonzero(~np.isfinite(ours).all(axis=1)))
+            if bad:
+                raise VerificationError(
+                    f"{precision} TFLite export: {bad} of {len(texts)} {prompt_name} vectors are "
+                    "not finite (NaN or infinity); the conversion is wrong, nothing was written")
+            theirs = reference_embeddings(reference, texts, prompt_name)
+            stats = cosine_stats(ours, theirs, emb.mrl_dims)
+            result[prompt_name] = stats
+            mins.append(stats[str(emb.output_dim)]["min"])
+            if shared is not None:  # the one-file int8 export must give the same vectors
+                diff = float(np.abs(shared.encode(texts, prompt_name=prompt_name) - ours).max())
+                result["shared_file_max_abs_diff"] = max(
+                    diff, result.get("shared_file_max_abs_diff", 0.0))
+                if not diff <= 1e-4:  # written so that NaN fails
+                    raise VerificationError(
+                        f"{precision}: the one-file int8 graph differs from the per-bucket "
+                        f"graphs by {diff:.2e}; nothing was written")
+    # np.min keeps a NaN (Python's min(1.0, nan) is 1.0) and the test below fails on it
+    result["min_cosine"] = worst = float(np.min(mins))
+    if not worst >= min_cosine:
+        raise VerificationError(
+            f"{precision} TFLite export disagrees with sentence-transformers: min cosine {worst:.6f} "
+            f"< {min_cosine} over {len(texts)} texts ({result}). The conversion is wrong; "
+            "nothing was written")
+    return result
