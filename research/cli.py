@@ -13,14 +13,14 @@ from typing import Optional, Sequence
 
 from gemma_edge.errors import GemmaEdgeError
 
-from . import coral_graph, segment_study
+from . import coral_graph, segment_study, short_recipe, short_tail
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m research",
                                      description="gemma-edge research tools (research/README.md)")
     sub = parser.add_subparsers(dest="command", required=True)
-    for module in (segment_study, coral_graph):
+    for module in (segment_study, coral_graph, short_tail, short_recipe):
         module.register(sub)
     return parser
 
