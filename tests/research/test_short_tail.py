@@ -93,3 +93,13 @@ def test_cli_refuses_unknown_texts_and_variants(capsys):
     assert main(["short-recipe", "--checkpoint", "unused", "--artifacts", "unused",
                  "--variant", "export,bogus"]) != 0
     assert "--variant export,bogus" in capsys.readouterr().err
+
+
+def test_probes_refuse_unknown_ids_and_missing_options(capsys):
+    from research.short_probes import main
+
+    assert main(["position", "--checkpoint", "unused", "--artifacts", "unused",
+                 "--ids", "s-xx-999"]) != 0
+    assert "s-xx-999 not in heldout/short.jsonl" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["table", "--artifacts", "unused"])  # no --checkpoint / --ids
