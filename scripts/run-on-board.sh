@@ -16,8 +16,9 @@ Usage: run-on-board.sh [options] ARTIFACTS_DIR [OUT.json]
 Options:
   --backend B      auto (default: edgetpu when a Coral device is visible) |
                    edgetpu | cpu
-  --precision P    precision on the Edge TPU: int8 (default) or full-int8;
-                   CPU runs use int8 (float if the artifacts have no int8 graph)
+  --precision P    precision on the Edge TPU: int8 (default) or full-int8
+  --cpu-precision P  precision on the CPU: auto (default: int8 when exported,
+                   else float), float, int8 or full-int8
   --no-bench       smoke test only: embed, skip the benchmark (OUT gets the
                    embed timing)
   -h, --help       show this help
@@ -33,6 +34,7 @@ note() { printf 'run-on-board: %s\n' "$*" >&2; }
 
 BACKEND=auto
 PRECISION=int8
+CPU_PRECISION=auto
 BENCH=1
 APEX_DEVICE=${GEMMA_EDGE_APEX_DEVICE:-/dev/apex_0}
 POSITIONAL=()
@@ -40,6 +42,7 @@ while (($#)); do
   case $1 in
     --backend) [[ $# -ge 2 ]] || die "--backend needs a value"; BACKEND=$2; shift ;;
     --precision) [[ $# -ge 2 ]] || die "--precision needs a value"; PRECISION=$2; shift ;;
+    --cpu-precision) [[ $# -ge 2 ]] || die "--cpu-precision needs a value"; CPU_PRECISION=$2; shift ;;
     --no-bench) BENCH=0 ;;
     -h|--help) usage; exit 0 ;;
     -*) usage >&2; die "unknown option: $1" ;;
@@ -52,6 +55,8 @@ ART=${POSITIONAL[0]}
 OUT=${POSITIONAL[1]:-bench-$(uname -n)-$(date +%Y%m%d-%H%M%S).json}
 case $BACKEND in auto|edgetpu|cpu) ;; *) die "--backend $BACKEND: choose auto, edgetpu or cpu" ;; esac
 case $PRECISION in int8|full-int8) ;; *) die "--precision $PRECISION: choose int8 or full-int8" ;; esac
+case $CPU_PRECISION in auto|float|int8|full-int8) ;;
+  *) die "--cpu-precision $CPU_PRECISION: choose auto, float, int8 or full-int8" ;; esac
 [[ -f $ART/manifest.json ]] || die "$ART/manifest.json missing: copy the artifacts with \
 scripts/deploy-to-board.sh first"
 
@@ -75,7 +80,7 @@ if [[ $BACKEND == auto ]]; then
 fi
 runtime_args() {  # backend -> the runtime flags of gemma-edge
   if [[ $1 == edgetpu ]]; then echo "--backend edgetpu --precision $PRECISION"
-  else echo "--backend cpu --precision auto"; fi  # int8 when exported, else float
+  else echo "--backend cpu --precision $CPU_PRECISION"; fi
 }
 
 work=$(mktemp -d)

@@ -237,3 +237,14 @@ def test_run_on_board_without_bench_writes_embed_timing(tmp_path: Path, artifact
     assert "retrying on the CPU" in out.stderr and "no bench subcommand" in out.stderr
     missing = run("run-on-board.sh", str(tmp_path / "nope"), env=env)
     assert missing.returncode == 1 and "manifest.json missing" in missing.stderr
+
+
+def test_run_on_board_cpu_precision(tmp_path: Path, artifacts: Path) -> None:
+    env = board_env(tmp_path)  # no Edge TPU visible: the CPU
+    out = run("run-on-board.sh", "--no-bench", "--cpu-precision", "float", str(artifacts),
+              str(tmp_path / "r.json"), env=env, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    embeds = [c for c in (tmp_path / "calls.log").read_text().splitlines() if c.startswith("embed")]
+    assert embeds and all("--backend cpu --precision float" in c for c in embeds)
+    bad = run("run-on-board.sh", "--cpu-precision", "fp16", str(artifacts), env=env)
+    assert bad.returncode == 1 and "--cpu-precision fp16: choose auto, float" in bad.stderr
