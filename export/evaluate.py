@@ -23,6 +23,7 @@ from typing import Any, Optional, Sequence
 import numpy as np
 
 from gemma_edge.device.embedder import document_text
+from gemma_edge.graph_entries import PRECISION_ROLE
 
 from .eval_tail import (
     TAIL_TARGET,
@@ -34,8 +35,6 @@ from .eval_tail import (
     tail_failures,
     tail_summary,
 )
-
-PRECISION_ROLE = {"float": "float", "int8": "int8", "full-int8": "edgetpu"}
 
 
 def _doc_texts(docs: Sequence[dict[str, Any]]) -> list[str]:
