@@ -145,7 +145,8 @@ def _compile_artifacts(art: Path, out: Any, options: dict[str, Any]) -> int:
     The manifest is rewritten once, atomically, after all graphs compiled: a failure
     leaves it as it was (compiled files already written stay unlisted).
     """
-    from gemma_edge.manifest import MANIFEST_NAME, atomic_write_json, describe_files
+    from gemma_edge.atomic_files import atomic_write_json
+    from gemma_edge.manifest import MANIFEST_NAME, describe_files
 
     from .compiler import compile_model
 

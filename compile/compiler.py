@@ -22,8 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
+from gemma_edge.atomic_files import atomic_write_json
 from gemma_edge.errors import CompilationError, CompilerNotFoundError, InputError
-from gemma_edge.manifest import atomic_write_json
 
 from .logparse import CompileLog, parse_compiler_output, parse_operation_log
 from .tflite_reader import EDGETPU_CUSTOM_OP

@@ -191,7 +191,7 @@ def run_bench(args: argparse.Namespace) -> int:
     print(f"  speedup {report['speedup']:.2f}x; server mean batch {report['server_mean_batch']} "
           f"texts; min cosine server vs one-by-one {report['min_cosine_server_vs_direct']}")
     if args.json:
-        from gemma_edge.manifest import atomic_write_json
+        from gemma_edge.atomic_files import atomic_write_json
 
         atomic_write_json(args.json, report)
     return 1 if many["failures"] else 0

@@ -23,8 +23,8 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
+from gemma_edge.atomic_files import atomic_write_bytes
 from gemma_edge.errors import InputError
-from gemma_edge.manifest import atomic_write_bytes
 
 log = logging.getLogger("gemma_edge.device")
 

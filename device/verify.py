@@ -28,8 +28,9 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
+from gemma_edge.atomic_files import atomic_write_json, sha256_file
 from gemma_edge.errors import ArtifactError
-from gemma_edge.manifest import MANIFEST_NAME, atomic_write_json, sha256_file
+from gemma_edge.manifest import MANIFEST_NAME
 
 log = logging.getLogger("gemma_edge.device")
 

@@ -28,8 +28,8 @@ from typing import Any, Optional
 
 import numpy as np
 
+from gemma_edge.atomic_files import atomic_write_json, sha256_file
 from gemma_edge.errors import ArtifactError
-from gemma_edge.manifest import atomic_write_json, sha256_file
 
 from .runtime import first_line, match_inputs, release_file_pages
 from .verify import read_record, stat_stamp

@@ -138,7 +138,8 @@ def calibration_from(host: Any, buckets: Sequence[int], per_bucket: int,
 
 def write_calibration(art_dir: Path, out_dir: Path, per_bucket: int) -> dict[int, Path]:
     """``make calibration``: one ``calibration_<T>.npz`` per bucket (embeddings, mask, pool)."""
-    from gemma_edge.manifest import atomic_write_npz, load_manifest
+    from gemma_edge.atomic_files import atomic_write_npz
+    from gemma_edge.manifest import load_manifest
 
     buckets = load_manifest(art_dir)["buckets"]
     written = {}

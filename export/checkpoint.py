@@ -23,8 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
+from gemma_edge.atomic_files import sha256_file
 from gemma_edge.errors import CheckpointError, HubUnreachableError
-from gemma_edge.manifest import sha256_file
 
 SUPPORTED_MODEL_TYPES = ("gemma3_text",)
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json",

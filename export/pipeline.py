@@ -21,12 +21,11 @@ import numpy as np
 from tqdm.auto import tqdm
 
 import gemma_edge
+from gemma_edge.atomic_files import atomic_write_json, atomic_write_npy
 from gemma_edge.errors import InputError
 from gemma_edge.manifest import (
     FORMAT_VERSION,
     MANIFEST_NAME,
-    atomic_write_json,
-    atomic_write_npy,
     check_output_folder,
     describe_files,
     staged_directory,

@@ -29,8 +29,8 @@ from typing import Any, Callable, Dict, Iterator, Optional, Sequence
 
 import numpy as np
 
+from gemma_edge.atomic_files import atomic_write_bytes
 from gemma_edge.errors import QuantizationError
-from gemma_edge.manifest import atomic_write_bytes
 
 log = logging.getLogger("gemma_edge.export")
 

@@ -158,7 +158,7 @@ def make_embedder(args: argparse.Namespace) -> Any:
 def _run_embed(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from .manifest import atomic_write_npy
+    from .atomic_files import atomic_write_npy
 
     texts = read_texts(args.input)
     if not texts:

@@ -1,4 +1,4 @@
-"""The artifacts directory contract: ``manifest.json``, file hashes, atomic writes.
+"""The artifacts directory contract: ``manifest.json``, its file hashes, the staged export folder.
 
 Shared by the workstation (which writes artifacts) and the device (which reads
 them), so it imports nothing but the standard library.
@@ -17,68 +17,13 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterator, Optional, Sequence
 
+from .atomic_files import current_umask, sha256_file
 from .errors import ArtifactError, InputError
 
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 log = logging.getLogger("gemma_edge.manifest")
 GRAPH_ROLES = ("float", "int8", "int8-shared", "edgetpu", "edgetpu-compiled")
-
-
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(chunk), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def _umask() -> int:
-    current = os.umask(0)
-    os.umask(current)
-    return current
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write via a temp file in the same folder, then rename: readers never see half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-        os.chmod(tmp, 0o666 & ~_umask())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-
-
-def atomic_write_npy(path: Path, array: Any) -> None:
-    """``np.save`` through ``atomic_write_bytes`` (numpy imported here: the module stays stdlib-only)."""
-    import io
-
-    import numpy as np
-
-    buffer = io.BytesIO()
-    np.save(buffer, array, allow_pickle=False)
-    atomic_write_bytes(path, buffer.getvalue())
-
-
-def atomic_write_npz(path: Path, arrays: dict[str, Any], compressed: bool = False) -> None:
-    """``np.savez[_compressed]`` through ``atomic_write_bytes``."""
-    import io
-
-    import numpy as np
-
-    buffer = io.BytesIO()
-    (np.savez_compressed if compressed else np.savez)(buffer, **arrays)
-    atomic_write_bytes(path, buffer.getvalue())
-
-
-def atomic_write_json(path: Path, obj: Any) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=2, ensure_ascii=False) + "\n").encode())
 
 
 # The export's staging and swap-out folders beside ``--out``: ``.NAME.staging-PID-XXXXXXXX``
@@ -204,7 +149,7 @@ def staged_directory(final: Path, force: bool = False, protect: Sequence[Path] =
     clean_stale_staging(final)
     staging = Path(tempfile.mkdtemp(prefix=f".{final.name}.staging-{os.getpid()}-",
                                     dir=final.parent))
-    os.chmod(staging, 0o777 & ~_umask())
+    os.chmod(staging, 0o777 & ~current_umask())
     try:
         yield staging
     except BaseException:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from .manifest import atomic_write_json
+from .atomic_files import atomic_write_json
 
 
 def save_report(report: dict[str, Any], json_path: Optional[Path], plot_path: Optional[Path],
@@ -24,7 +24,7 @@ def save_figure(fig: Any, path: Path) -> None:
 
     import matplotlib.pyplot as plt
 
-    from .manifest import atomic_write_bytes
+    from .atomic_files import atomic_write_bytes
 
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=110)

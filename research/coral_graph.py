@@ -305,9 +305,9 @@ def build_coral_graph(core: EncoderCore | CoralCore, seq_len: int, out_path: Pat
     fit in memory (EmbeddingGemma at 256 tokens: > 19 GB); not for inference.
     Writes ``out_path`` (signature ``encode_<T>``) atomically and returns it.
     """
+    from gemma_edge.atomic_files import atomic_write_bytes
     from gemma_edge.export.convert import convert_buckets, signature_name
     from gemma_edge.export.quantize import Approach, QuantConfig, quantize_graph
-    from gemma_edge.manifest import atomic_write_bytes
 
     hidden = core.spec.hidden_size
     module = CoralBucketEncoder(core, seq_len, mask_penalty, pool_slots, max_product).eval()

@@ -109,6 +109,7 @@ def build(core: Any, calibration: list[dict[str, np.ndarray]], seq_len: int, out
     ``SCALE_SAMPLES`` samples, one template per graph structure, each segment calibrated
     on its own float inputs), with the activation range statistic ``ranges``
     (``research.ranges``): (host.npz, segment files in layer order)."""
+    from gemma_edge.atomic_files import atomic_write_bytes, atomic_write_npz
     from gemma_edge.export.segments import (
         build_template,
         host_constants,
@@ -119,7 +120,6 @@ def build(core: Any, calibration: list[dict[str, np.ndarray]], seq_len: int, out
         template_key,
     )
     from gemma_edge.export.segments.build import SCALE_SAMPLES
-    from gemma_edge.manifest import atomic_write_bytes, atomic_write_npz
 
     from .ranges import RangeStatistic, range_function
 
@@ -196,7 +196,7 @@ def _run(args: Any) -> int:
             shown = {k: v for k, v in results[variant].items() if k != "alone_values"}
             print(variant, args.ranges, json.dumps(shown), flush=True)
     if args.json:
-        from gemma_edge.manifest import atomic_write_json
+        from gemma_edge.atomic_files import atomic_write_json
 
         atomic_write_json(args.json, results)
     return 0

@@ -300,7 +300,7 @@ def _run(args: Any) -> int:
         r.update(id=row["id"], lang=row["lang"], text=row["text"])
     print(summary(result))
     if args.json:
-        from gemma_edge.manifest import atomic_write_json
+        from gemma_edge.atomic_files import atomic_write_json
 
         atomic_write_json(args.json, result)
     return 0

@@ -17,7 +17,7 @@ from typing import Any
 import board_check as bc
 from board_check_scripts import check_board_scripts
 
-from gemma_edge.manifest import atomic_write_json
+from gemma_edge.atomic_files import atomic_write_json
 
 EDGETPU_MESSAGE = "no Edge TPU available"
 # The apps run the exact float graph on both sides: their check is the plumbing (index,

@@ -15,10 +15,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from gemma_edge.atomic_files import atomic_write_json
 from gemma_edge.device import Embedder, verify
 from gemma_edge.device.weight_cache import compiled_model_api
 from gemma_edge.errors import ArtifactError, InputError
-from gemma_edge.manifest import atomic_write_json, describe_files
+from gemma_edge.manifest import describe_files
 
 needs_compiled = pytest.mark.skipif(compiled_model_api() is None,
                                     reason="this LiteRT runtime has no CompiledModel API")

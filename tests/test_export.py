@@ -9,9 +9,10 @@ import shutil
 import numpy as np
 import pytest
 
+from gemma_edge.atomic_files import sha256_file
 from gemma_edge.device import Embedder
 from gemma_edge.errors import ArtifactError, InputError, VerificationError
-from gemma_edge.manifest import find_graph, load_manifest, sha256_file
+from gemma_edge.manifest import find_graph, load_manifest
 
 
 @pytest.fixture(scope="module")

@@ -151,7 +151,7 @@ class SegmentBuild:
 
     @torch.no_grad()
     def __enter__(self) -> SegmentBuild:
-        from gemma_edge.manifest import atomic_write_npz
+        from gemma_edge.atomic_files import atomic_write_npz
 
         (self.out_dir / SEGMENT_DIR).mkdir(parents=True, exist_ok=True)
         core, hidden = self.core, self.core.spec.hidden_size
@@ -199,7 +199,7 @@ class SegmentBuild:
 
     def collect(self) -> list[dict]:
         """Wait for every segment, check it, write it; the manifest entries per bucket."""
-        from gemma_edge.manifest import atomic_write_bytes
+        from gemma_edge.atomic_files import atomic_write_bytes
 
         from ..quantize import check_fully_int8
 
