@@ -12,15 +12,9 @@ Vectors are stored twice, on purpose:
   without sqlite-vec mark ``vec_chunks`` stale; the next index run with
   sqlite-vec rebuilds it from the BLOBs.
 
-The file is opened through apsw when it is installed (the ``search`` extra), else
-Python's sqlite3. Why apsw: many Pythons' sqlite3 cannot load extensions at all
-(no ``enable_load_extension``: pyenv builds, this project's machines, possibly the
-Coral Dev Board's 3.7), so with sqlite3 alone sqlite-vec would never load; apsw
-ships its own SQLite with extension loading on. Both are autocommit here, so
-``transaction()`` owns BEGIN/COMMIT either way.
-
-A store another process is writing (an index run) is waited for up to
-``busy_timeout`` seconds, then reported as busy, never as a damaged file.
+The file is opened through apsw when installed, else Python's sqlite3
+(store_sqlite.py: why, the busy wait, loading sqlite-vec). A store another process
+is writing (an index run) is waited for, then reported as busy, never as a damaged file.
 
 The ``meta`` table ties an index to the export that built it (artifact_id, MRL
 dim): vectors of two models or dims are not comparable, so a mismatch is refused.
@@ -31,24 +25,21 @@ from __future__ import annotations
 import contextlib
 import itertools
 import json
-import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Iterator, Optional, Sequence, Union
+from typing import Any, Iterator, Optional, Sequence
 
 import numpy as np
 
 from gemma_edge.errors import InputError
 
 from .chunking import Chunk
-
-log = logging.getLogger("gemma_edge.device")
+from .store_sqlite import connect, is_busy, load_sqlite_vec
 
 STORE_FORMAT = 1
 DEFAULT_DB_NAME = ".gemma-edge-search.sqlite"
 SCAN_ROWS = 4096  # numpy scan batch: bounds memory on a 1 GB board
 VEC_MAX_K = 4096  # sqlite-vec's limit for k
-BUSY_TIMEOUT_S = 10.0  # how long to wait for another process's write to finish
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -95,66 +86,6 @@ class Hit:
         out["score"] = round(float(self.score), 6)
         out["snippet"] = self.snippet(width)
         return out
-
-
-def connect(path: Union[str, Path], busy_timeout: Optional[float] = None,
-            binding: Optional[str] = None) -> tuple[Any, tuple]:
-    """(connection, its error classes): apsw when installed, else sqlite3; autocommit,
-    waiting up to ``busy_timeout`` s (default BUSY_TIMEOUT_S) for other writers.
-    ``binding`` ("apsw" or "sqlite3") forces one."""
-    busy_timeout = BUSY_TIMEOUT_S if busy_timeout is None else float(busy_timeout)
-    if binding in (None, "apsw"):
-        try:
-            import apsw
-        except ImportError:
-            if binding == "apsw":
-                raise InputError("apsw is not installed: pip install apsw") from None
-        else:
-            conn = apsw.Connection(str(path))
-            set_timeout = getattr(conn, "set_busy_timeout", None) or conn.setbusytimeout
-            set_timeout(int(busy_timeout * 1000))
-            return conn, (apsw.Error,)
-    import sqlite3
-
-    conn = sqlite3.connect(str(path), isolation_level=None, timeout=busy_timeout)
-    return conn, (sqlite3.Error,)
-
-
-def is_busy(exc: BaseException) -> bool:
-    """SQLITE_BUSY/LOCKED from either binding: another connection holds the lock."""
-    return "locked" in str(exc).lower() or type(exc).__name__ in ("BusyError", "LockedError")
-
-
-def load_sqlite_vec(conn: Any) -> Optional[str]:
-    """Load sqlite-vec into ``conn``; its version, or None (with the reason logged)."""
-    try:
-        import sqlite_vec
-    except ImportError:
-        log.debug("sqlite-vec not installed: exact numpy scan")
-        return None
-    if not hasattr(conn, "enable_load_extension"):
-        log.debug("this Python's sqlite3 cannot load extensions (pip install apsw): "
-                  "exact numpy scan")
-        return None
-    try:
-        conn.enable_load_extension(True)
-        try:
-            sqlite_vec.load(conn)
-        finally:
-            conn.enable_load_extension(False)
-        return str(conn.execute("SELECT vec_version()").fetchone()[0])
-    except Exception as exc:  # noqa: BLE001 - any failure here means: use the numpy scan
-        log.debug("sqlite-vec failed to load (%s): exact numpy scan", exc)
-        return None
-
-
-def sqlite_vec_available() -> Optional[str]:
-    """sqlite-vec's version if a store opened here would use it, else None."""
-    conn, _ = connect(":memory:")
-    try:
-        return load_sqlite_vec(conn)
-    finally:
-        conn.close()
 
 
 class VectorStore:
@@ -422,6 +353,3 @@ class VectorStore:
                 best_ids, best_scores = best_ids[keep], best_scores[keep]
         order = np.lexsort((best_ids, -best_scores))
         return [(int(best_ids[i]), float(best_scores[i])) for i in order]
-
-
-# -- opening -------------------------------------------------------------------------------

@@ -219,7 +219,7 @@ def test_non_index_files_are_refused(tmp_path: Path) -> None:
         open_for_query(tmp_path / "missing.sqlite", FakeEmbedder())
 
 
-VEC_CHECK = ("from gemma_edge.device.store import sqlite_vec_available; "
+VEC_CHECK = ("from gemma_edge.device.store_sqlite import sqlite_vec_available; "
              "assert sqlite_vec_available()")
 VEC_SCRIPT = """
 import json, sys
@@ -342,7 +342,7 @@ def test_sqlite_vec_is_what_users_get_with_the_search_extra(corpus: Path) -> Non
     finds the same chunks."""
     pytest.importorskip("apsw")
     pytest.importorskip("sqlite_vec")
-    from gemma_edge.device.store import sqlite_vec_available
+    from gemma_edge.device.store_sqlite import sqlite_vec_available
 
     assert sqlite_vec_available(), "apsw and sqlite-vec are installed but sqlite-vec did not load"
     embedder = FakeEmbedder()
@@ -386,7 +386,7 @@ def test_a_locked_index_is_busy_not_damaged(corpus: Path, fake_cli: FakeEmbedder
                                             monkeypatch: pytest.MonkeyPatch) -> None:
     build(corpus, fake_cli)
     db = corpus / DEFAULT_DB_NAME
-    monkeypatch.setattr("gemma_edge.device.store.BUSY_TIMEOUT_S", 0.3)
+    monkeypatch.setattr("gemma_edge.device.store_sqlite.BUSY_TIMEOUT_S", 0.3)
     with locked(db, 60):
         with pytest.raises(InputError, match="busy") as caught:
             open_for_query(db, fake_cli)
