@@ -53,6 +53,28 @@ def tiny_artifacts(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFacto
                ExportOptions(buckets=TINY_BUCKETS, pool_slots=4, edgetpu_buckets=(32,)))
     return out
 
+# The bucket the segment tests (tests/test_segments.py, tests/research/) calibrate.
+SEGMENT_TEST_BUCKET = 32
+
+
+@pytest.fixture(scope="module")
+def tiny_core(tiny_checkpoint: Path):
+    """The tiny checkpoint's export encoder (torch)."""
+    from gemma_edge.export.checkpoint import load_checkpoint
+    from gemma_edge.export.encoder import build_encoder
+
+    core, _ = build_encoder(load_checkpoint(tiny_checkpoint))
+    return core
+
+
+@pytest.fixture(scope="module")
+def calibration(tiny_artifacts: Path):
+    """Corpus calibration samples of the tiny export, six for SEGMENT_TEST_BUCKET."""
+    from gemma_edge.export.calibration import calibration_set
+
+    return calibration_set(tiny_artifacts, [SEGMENT_TEST_BUCKET], 6)
+
+
 
 def _resident_kib(path: Path) -> int:
     """This process's resident KiB of mappings of ``path`` (/proc/self/smaps; Linux)."""

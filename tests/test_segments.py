@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,22 +14,6 @@ pytest.importorskip("ai_edge_quantizer")
 pytest.importorskip("litert_torch")
 
 BUCKET = 32
-
-
-@pytest.fixture(scope="module")
-def tiny_core(tiny_checkpoint: Path):
-    from gemma_edge.export.checkpoint import load_checkpoint
-    from gemma_edge.export.encoder import build_encoder
-
-    core, _ = build_encoder(load_checkpoint(tiny_checkpoint))
-    return core
-
-
-@pytest.fixture(scope="module")
-def calibration(tiny_artifacts: Path):
-    from gemma_edge.export.calibration import calibration_set
-
-    return calibration_set(tiny_artifacts, [BUCKET], 6)
 
 
 def test_segmented_rewrite_is_exact_in_float(tiny_core, calibration):
