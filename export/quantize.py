@@ -3,7 +3,9 @@
 Two products (see docs/quantization.md for the measurements behind them):
 
 - role ``int8``: the CPU graph. int8 weights (per-channel); activations where
-  int8 keeps fidelity, float elsewhere.
+  int8 keeps fidelity, float elsewhere. In the per-bucket files each FULLY_CONNECTED's
+  channel scales are moved into a MUL after it (``hybrid_fc.py``): tflite-runtime 2.14,
+  the boards' runtime, computes per-channel hybrid FULLY_CONNECTED ops as zeros.
 - role ``edgetpu``: the fully 8-bit graphs the Edge TPU needs: int8 weights AND
   activations with per-tensor scales, int8 inputs and output; built per layer by
   ``export/segments/`` with this module's FULL_INT8 approach.
@@ -233,10 +235,19 @@ def build_cpu_int8(core: Any, art_dir: Path, buckets: Sequence[int], slots: int,
     """Role "int8" graphs, one file per bucket; with ``shared_from`` (the multi-signature
     float file) also role "int8-shared" (below), and the per-bucket files are cut out of
     it (``signatures.extract_signature``: the same weights and ops, no more conversions);
-    without it (or for calibrated approaches) each bucket is converted on its own."""
+    without it (or for calibrated approaches) each bucket is converted on its own.
+
+    The per-bucket files are the ones the plain Interpreter runs, so tflite-runtime's
+    (the boards'): their hybrid FULLY_CONNECTED ops get per-tensor weights and a MUL by
+    the channel scales (``hybrid_fc.channel_scales_to_mul``; tflite-runtime 2.14 computes
+    the per-channel form as zeros). The one-file graph keeps ai-edge-quantizer's
+    per-channel form: only ai-edge-litert's CompiledModel reads it, which computes both
+    forms bit for bit alike, and there the extra MULs would only cost time (within the
+    noise, at most a few per cent, on the per-bucket files: docs/board-check.md)."""
     from .calibration import calibration_set
     from .convert import convert_buckets, graph_entry, signature_name
     from .encoder import BucketEncoder
+    from .hybrid_fc import channel_scales_to_mul
     from .signatures import extract_signature
 
     calibration: dict[int, list[dict[str, np.ndarray]]] = {}
@@ -265,6 +276,7 @@ def build_cpu_int8(core: Any, art_dir: Path, buckets: Sequence[int], slots: int,
                                     core.spec.hidden_size, slots)
             quantized = quantize_graph(model.model_content(), f"encode_{seq_len}", config,
                                        calibration.get(seq_len, []))
+        quantized = channel_scales_to_mul(quantized)
         name = f"encoder_int8_{seq_len}.tflite"
         atomic_write_bytes(art_dir / name, quantized)
         entries.append(graph_entry(name, "int8", [seq_len], slots, mask_penalty,

@@ -28,7 +28,7 @@ def _round_up(n: int) -> int:
     return (n + _ALIGN - 1) // _ALIGN * _ALIGN
 
 
-def _buffer_bytes(model: bytes, buffer: Any) -> bytes:
+def buffer_bytes(model: bytes, buffer: Any) -> bytes:
     """A buffer's contents, inline or stored after the flatbuffer (offset > 1)."""
     if buffer.offset and buffer.offset > 1:
         if buffer.offset + buffer.size > len(model):
@@ -49,7 +49,6 @@ def extract_signature(model: bytes, key: str) -> bytes:
     """The TFLite file of signature ``key`` alone: its subgraph, the buffers it uses, the
     metadata; every operator code kept (indices stay valid)."""
     from ai_edge_litert import schema_py_generated as schema
-    from ai_edge_litert.tools import flatbuffer_utils
 
     tree = schema.ModelT.InitFromObj(schema.Model.GetRootAs(model, 0))
     matches = [s for s in tree.signatureDefs or [] if _text(s.signatureKey) == key]
@@ -73,9 +72,24 @@ def extract_signature(model: bytes, key: str) -> bytes:
     for meta in tree.metadata or []:
         meta.buffer = keep(meta.buffer)
 
+    tree.buffers = [tree.buffers[old] for old in order]
+    signature.subgraphIndex = 0
+    tree.subgraphs, tree.signatureDefs = [subgraph], [signature]
+    return pack_model(model, tree)
+
+
+def pack_model(model: bytes, tree: Any) -> bytes:
+    """Serialise ``tree`` (a ``ModelT`` read from ``model``, possibly edited) as a TFLite
+    file: each buffer's bytes (stored after ``model``'s flatbuffer or inline; a new
+    ``BufferT`` carries them inline) laid out as ai-edge-quantizer lays them out: up to
+    1 KiB inline, larger ones after the flatbuffer, 16-byte aligned. Buffer 0 stays the
+    empty sentinel."""
+    from ai_edge_litert import schema_py_generated as schema
+    from ai_edge_litert.tools import flatbuffer_utils
+
     buffers, external = [], {}
-    for new, old in enumerate(order):
-        data = _buffer_bytes(model, tree.buffers[old]) if new else b""
+    for new, old in enumerate(tree.buffers or []):
+        data = buffer_bytes(model, old) if new else b""
         buffer = schema.BufferT()
         if len(data) > _INLINE_MAX:
             buffer.offset, buffer.size = 1, 1  # placeholders, so the fields are written
@@ -83,8 +97,7 @@ def extract_signature(model: bytes, key: str) -> bytes:
         elif data:
             buffer.data = np.frombuffer(data, np.uint8)
         buffers.append(buffer)
-    signature.subgraphIndex = 0
-    tree.subgraphs, tree.signatureDefs, tree.buffers = [subgraph], [signature], buffers
+    tree.buffers = buffers
 
     head = flatbuffer_utils.convert_object_to_bytearray(tree)
     out = bytearray(head)

@@ -11,6 +11,7 @@ needs root, a network, a Coral device or ssh: the deploy copies to a local folde
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 from pathlib import Path
 from typing import Iterator
@@ -83,22 +84,23 @@ def check_board_scripts(bin_dir: Path, env: dict[str, str], art: Path, work: Pat
     result = home / "run-cpu.json"
     env_run = dict(env, GEMMA_EDGE=str(bin_dir / "gemma-edge"),
                    GEMMA_EDGE_APEX_DEVICE=str(home / "no-apex"))
-    # --cpu-precision float: the int8 graph returns zero vectors under this emulation (the
-    # Embedder refuses them; docs/board-check.md), so the script's CPU path is checked
-    # with a graph that runs here.
-    out = sh("run-on-board.sh", "--no-bench", "--cpu-precision", "float", str(dest), str(result),
-             env=env_run, cwd=cwd)
+    # The script's default CPU precision (auto: the int8 graph), as a board user runs it;
+    # until issue 24's fix tflite-runtime computed that graph as zeros and this ran float.
+    out = sh("run-on-board.sh", "--no-bench", str(dest), str(result), env=env_run, cwd=cwd)
     yield ("run-on-board.sh --no-bench embeds on the CPU",
            out.returncode == 0 and "no Edge TPU visible: CPU only" in out.stderr
            and "on cpu" in out.stderr and _json_ok(result), _embed_line(out.stderr))
 
     # Forced onto the Edge TPU without one: gemma-edge's error, then the CPU retry.
     tpu_dest = home / "gemma-edge" / "with-compiled"
+    # a fresh folder: the name is the same at every run, and a previous run's files (an
+    # export with other segment names) would stay beside the new ones, so the deploy's
+    # size check would rightly fail
+    shutil.rmtree(tpu_dest, ignore_errors=True)
     copy = sh("deploy-to-board.sh", "--method", "local", "--dest", str(tpu_dest), str(tpu_art),
               env=env, cwd=cwd)
     result = home / "run-edgetpu.json"
-    out = sh("run-on-board.sh", "--no-bench", "--cpu-precision", "float", "--backend", "edgetpu",
-             str(tpu_dest), str(result),
+    out = sh("run-on-board.sh", "--no-bench", "--backend", "edgetpu", str(tpu_dest), str(result),
              env=env_run, cwd=cwd)
     yield ("run-on-board.sh --backend edgetpu without a device falls back to the CPU",
            copy.returncode == 0 and out.returncode == 0

@@ -148,6 +148,26 @@ def test_int8_cpu_graphs(tiny_artifacts, embedder):
     assert (cos > 0.97).all() and (cos < 0.999999).all()  # quantised, but close
 
 
+def test_int8_graphs_have_no_per_channel_hybrid_fully_connected(tiny_artifacts):
+    """Issue 24: tflite-runtime 2.14 (the boards' runtime) computes a FULLY_CONNECTED with
+    float input and per-channel int8 weights as zeros; the export moves the channel scales
+    into a MUL (export/hybrid_fc.py), the weights staying int8. The graphs on tflite-runtime
+    itself: `make board-check` (tests/test_hybrid_fc.py has the rewrite's numerics). The
+    one-file graph, which only ai-edge-litert's CompiledModel reads, keeps the quantizer's
+    per-channel form (no extra MULs on that path)."""
+    from gemma_edge.export.hybrid_fc import per_channel_hybrid_fc
+    from gemma_edge.export.quantize import tensor_dtype_census
+
+    m = load_manifest(tiny_artifacts)
+    graphs = [g for g in m["graphs"] if g["role"] in ("int8", "int8-shared")]
+    assert sorted(g["role"] for g in graphs) == ["int8"] * 3 + ["int8-shared"]
+    for g in graphs:
+        model = (tiny_artifacts / g["path"]).read_bytes()
+        fcs = per_channel_hybrid_fc(model)
+        assert (fcs == 0) if g["role"] == "int8" else (fcs > 0), (g["path"], fcs)
+        assert tensor_dtype_census(model) == g["census"] and g["census"]["INT8"] > 0
+
+
 def test_every_matmul_runs_in_xnnpack(tiny_artifacts):
     """No FULLY_CONNECTED with run-time weights: XNNPACK leaves those to a slow kernel
     (QK^T written as one 2-D product cost ~100 of 178 ms at 256 tokens)."""
@@ -277,10 +297,12 @@ def test_failure_while_segments_build_cancels_them_and_leaves_nothing(tiny_check
 
 def test_per_bucket_int8_files_are_cut_out_of_the_one_file_graph(tiny_artifacts):
     """The per-bucket CPU int8 files hold one signature each of the one-file int8 graph:
-    same outputs bit for bit, weights stored after the flatbuffer (16-byte aligned)."""
+    same outputs bit for bit, weights stored after the flatbuffer (16-byte aligned); their
+    FULLY_CONNECTED ops in the form tflite-runtime runs (export/hybrid_fc.py)."""
     from ai_edge_litert.interpreter import Interpreter
 
     from gemma_edge.errors import QuantizationError
+    from gemma_edge.export.hybrid_fc import channel_scales_to_mul
     from gemma_edge.export.signatures import extract_signature, signature_keys
 
     manifest = load_manifest(tiny_artifacts)
@@ -292,7 +314,8 @@ def test_per_bucket_int8_files_are_cut_out_of_the_one_file_graph(tiny_artifacts)
     for seq_len in buckets:
         key = f"encode_{seq_len}"
         one = (tiny_artifacts / f"encoder_int8_{seq_len}.tflite").read_bytes()
-        assert one == extract_signature(shared, key) and signature_keys(one) == [key]
+        assert one == channel_scales_to_mul(extract_signature(shared, key))
+        assert signature_keys(one) == [key]
         assert len(one) < len(shared)
         feeds = {"embeddings": rng.normal(0.0, 0.05, (1, seq_len, hidden)).astype(np.float32),
                  "mask": np.ones((1, seq_len, seq_len), np.float32),
