@@ -13,14 +13,15 @@ from typing import Optional, Sequence
 
 from gemma_edge.errors import GemmaEdgeError
 
-from . import coral_graph, segment_study, short_recipe, short_tail
+from . import coral_graph, int4_gptq, int4_graph, segment_study, short_recipe, short_tail
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m research",
                                      description="gemma-edge research tools (research/README.md)")
     sub = parser.add_subparsers(dest="command", required=True)
-    for module in (segment_study, coral_graph, short_tail, short_recipe):
+    for module in (segment_study, coral_graph, short_tail, short_recipe, int4_gptq,
+                   int4_graph):
         module.register(sub)
     return parser
 
