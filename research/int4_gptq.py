@@ -56,6 +56,14 @@ def parse_variant(text: str) -> tuple[str, tuple[str, ...], Optional[frozenset[i
     return method, names, layers
 
 
+def split_variants(text: str) -> list[str]:
+    """``--variants``: commas separate variants, not the layers of one (``gptq:mlp@5-10,12``)."""
+    import re
+
+    methods = "|".join(METHODS)
+    return re.split(rf",(?=(?:{methods}):)", text)
+
+
 class Model:
     """The float encoder, its token table, and one-text-at-a-time forward passes."""
 
@@ -521,7 +529,7 @@ def _run(args: Any) -> int:
             args.json.parent.mkdir(parents=True, exist_ok=True)
             args.json.write_text(json.dumps(rows, indent=1))
         return 0
-    report = run_study(args.checkpoint, args.artifacts, args.variants.split(","),
+    report = run_study(args.checkpoint, args.artifacts, split_variants(args.variants),
                        args.calibration, args.dense_spans, args.act_int8,
                        args.act_order, args.damp, args.clip, args.save,
                        ("dev", "queries", "documents"), args.threads)
