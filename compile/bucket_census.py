@@ -3,7 +3,7 @@
 The export writes the Edge TPU role as 48 co-compiled segments per bucket plus host
 constants (export/segments/); this module lists their files and sums the mapper's
 per-segment reports into the bucket's totals, adding the MACs the host does outside
-every graph (pooling and the Dense head).
+every graph (pooling, the Dense head, and in the short buckets the attention core).
 """
 
 from __future__ import annotations
@@ -34,4 +34,10 @@ def segmented_summary(art: Path, graph: dict[str, Any], reports: list[dict[str, 
         host_macs += slots * seq * hidden  # pooling
         for k in range(int(host["dense_count"])):
             host_macs += slots * int(np.prod(host[f"dense_{k}_weight"].shape))
+        layers = len(host["attn_in"])
+        if len(entry.segments) == 3 * layers and "num_heads" in host:
+            # split attention (export/segments/split_attention.py): per layer the host
+            # computes the scores and the weights x V, 2 H T^2 D multiply-adds
+            heads, hd = int(host["num_heads"]), int(host["head_dim"])
+            host_macs += layers * 2 * heads * seq * seq * hd
     return cocompiled_summary(reports, host_macs)

@@ -1,9 +1,10 @@
 """The host loop of the full-int8 segments (export/segments/ says why they exist).
 
 Each layer is two fully int8 graphs (attention, MLP) that run on the Edge TPU
-(or the CPU interpreter, emulating it); between them this loop keeps the
-residual stream in float32 and applies the RMSNorms, then pools, runs the Dense
-head and L2-normalises. numpy only: it runs on a Coral Dev Board.
+(or the CPU interpreter, emulating it), or three in the short buckets, whose attention
+core the host computes between its two projections (host_attention.py); between them
+this loop keeps the residual stream in float32 and applies the RMSNorms, then pools,
+runs the Dense head and L2-normalises. numpy only: it runs on a Coral Dev Board.
 """
 
 from __future__ import annotations
@@ -16,11 +17,20 @@ import numpy as np
 from gemma_edge.errors import ArtifactError
 from gemma_edge.graph_entries import GraphEntry
 
+from .host_attention import HostAttention
 from .runtime import dequantize_output, quantize_input
 
 
 def _rms(x: np.ndarray, eps: float) -> np.ndarray:
     return x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + eps)
+
+
+def _single_threaded_blas() -> Any:
+    """A threadpoolctl controller of the BLAS libraries numpy loaded (made once: finding
+    them walks the process's libraries; each ``limit`` then costs ~10 us)."""
+    from threadpoolctl import ThreadpoolController
+
+    return ThreadpoolController()
 
 
 class SegmentGraph:
@@ -63,21 +73,44 @@ class SegmentRunner:
             raise ArtifactError(f"{Path(art_dir) / entry.path}: cannot read the segment "
                                 f"constants ({exc}); re-export") from exc
         layers = len(self.host["attn_in"])
-        if len(entry.segments) != 2 * layers:
+        # per layer: attention + MLP, or (split attention) qkv + o + MLP with the
+        # attention core on the host (device/host_attention.py)
+        self.per_layer = len(entry.segments) // max(layers, 1)
+        if self.per_layer not in (2, 3) or len(entry.segments) != self.per_layer * layers:
             raise ArtifactError(f"manifest lists {len(entry.segments)} segments for {layers} "
                                 "layers")
+        self.attention = (HostAttention(self.host, seq_len, str(Path(art_dir) / entry.path))
+                          if self.per_layer == 3 else None)
         self.segments = [SegmentGraph(open_graph(Path(art_dir) / f), f) for f in entry.segments]
+        self._blas = _single_threaded_blas()
 
     def run(self, embeddings: np.ndarray, mask: np.ndarray, pool: np.ndarray) -> np.ndarray:
+        # The host's matmuls (the split attention's scores and weights x V, pooling, the
+        # Dense head) are small and sit between interpreter calls whose threads are still
+        # spinning: with BLAS threads on top, a 64-token call took 7.0 s instead of 0.86 s
+        # on a loaded 2-core machine (1.8 ms per layer's products single-threaded, 77 ms
+        # multi-threaded). threadpoolctl caps the BLAS pool for the call only.
+        with self._blas.limit(limits=1, user_api="blas"):
+            return self._run(embeddings, mask, pool)
+
+    def attend(self, layer: int, a: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        """Layer ``layer``'s attention output as its segments give it (before attn_out)."""
+        if self.attention is None:
+            return self.segments[2 * layer](a, mask)
+        qkv = self.segments[3 * layer](a)
+        return self.segments[3 * layer + 1](self.attention.core(layer, qkv, mask))
+
+    def _run(self, embeddings: np.ndarray, mask: np.ndarray, pool: np.ndarray) -> np.ndarray:
         h = self.host
         eps = float(h["eps"])
         x = embeddings[0].astype(np.float32) * h["embed_scale"]
         padding = pool[0].sum(0) == 0
         x[padding] = x[0]  # as in export: a zero row would stretch the int8 ranges
+        n = self.per_layer
         for i in range(len(h["attn_in"])):
-            attn, mlp = self.segments[2 * i], self.segments[2 * i + 1]
-            o = attn(_rms(x, eps) / h["attn_in"][i], mask).reshape(x.shape) * h["attn_out"][i]
-            x = x + _rms(o, eps) * h["post_attn_gain"][i]
+            mlp = self.segments[n * i + n - 1]
+            o = self.attend(i, _rms(x, eps) / h["attn_in"][i], mask).reshape(x.shape)
+            x = x + _rms(o * h["attn_out"][i], eps) * h["post_attn_gain"][i]
             # [C] output scales, or [G, C]: the segment returns G partials (the two
             # ranges of the GELU product) that are added here in float
             ff_out = h["ff_out"][i].reshape(-1, 1, x.shape[-1])

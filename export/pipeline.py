@@ -72,6 +72,9 @@ class ExportOptions:
     # The softmax weights in two int8 ranges (SegmentRecipe.softmax_split; None: the
     # recipe's, 0: one tensor)
     edgetpu_softmax_split: Optional[float] = None
+    # Buckets up to this many tokens with the attention core on the host
+    # (SegmentRecipe.host_attention_upto; None: the recipe's, 0: none)
+    edgetpu_host_attention_upto: Optional[int] = None
 
     def validate(self, max_positions: Optional[int] = None, config_path: Any = "config.json"
                  ) -> None:
@@ -97,8 +100,9 @@ class ExportOptions:
         flags applied, validated (an InputError names the --edgetpu- flag)."""
         from .segments.recipe import DEFAULT_RECIPE
 
-        return DEFAULT_RECIPE.with_splits(self.edgetpu_mlp_split,
-                                          self.edgetpu_softmax_split).validate("--edgetpu-")
+        return DEFAULT_RECIPE.with_splits(self.edgetpu_mlp_split, self.edgetpu_softmax_split,
+                                          self.edgetpu_host_attention_upto
+                                          ).validate("--edgetpu-")
 
 
 def _buckets(flag: str, given: Sequence[int], max_positions: Optional[int],
@@ -266,11 +270,13 @@ def _start_segments(background: contextlib.ExitStack, core: Any, ck: Checkpoint,
     host = TextHost.from_parts(stage, ck.prompts, tokenizer, tables["float"], options.buckets,
                                core.spec.hidden_size, options.pool_slots)
     calibration = calibration_from(host, options.edgetpu_buckets, options.edgetpu_calibration)
-    bar = tqdm(total=2 * core.spec.num_layers * len(options.edgetpu_buckets), unit="segment",
+    recipe = options.segment_recipe()
+    graphs = sum(recipe.graphs_per_layer(t) for t in options.edgetpu_buckets)
+    bar = tqdm(total=graphs * core.spec.num_layers, unit="segment",
                desc="full-int8 segments (worker processes)", position=1, leave=False)
     background.callback(bar.close)
     return background.enter_context(SegmentBuild(
-        core, stage, options.edgetpu_buckets, calibration, options.segment_recipe(),
+        core, stage, options.edgetpu_buckets, calibration, recipe,
         progress=steps.set_description, on_segment_done=bar.update))
 
 

@@ -55,6 +55,10 @@ def _add_export(sub: Any) -> None:
                    help="the segments' softmax weights as two int8 tensors, the fine one "
                         "saturating at this fraction of the row maximum (default 0.125; 0: one "
                         "tensor, fewer attention ops, lower fidelity: docs/quantization.md)")
+    p.add_argument("--edgetpu-host-attention-upto", type=int, default=None, metavar="TOKENS",
+                   help="segment buckets of at most this many tokens compute the attention "
+                        "core (softmax) on the host in float between two int8 projection "
+                        "segments (default 64; 0: none; docs/quantization.md)")
     p.add_argument("--no-edgetpu", action="store_true",
                    help="skip the fully int8 Edge TPU segments (~13 minutes of the real export)")
     p.add_argument("--no-eval", action="store_true",
@@ -76,6 +80,7 @@ def _run_export(args: argparse.Namespace) -> int:
         options.pool_slots = args.pool_slots
     options.edgetpu_mlp_split = args.edgetpu_mlp_split
     options.edgetpu_softmax_split = args.edgetpu_softmax_split
+    options.edgetpu_host_attention_upto = args.edgetpu_host_attention_upto
     manifest = run_export(args.checkpoint, args.out, options, force=args.force)
     ver = manifest.get("verification", {})
     print(f"wrote {args.out} in {manifest['export_seconds']} s")

@@ -141,11 +141,18 @@ def _study(checkpoint: str, art_dir: Path, seq_len: int, recipe: Any,
         for (i, kind), feeds in tqdm(sorted(inputs.items()), desc="segments", unit="graph"):
             if kind not in kinds:
                 continue
-            data = quantize_segment(kind, segments[i][KINDS.index(kind)], seq_len, hidden,
-                                    feeds, range_function(ranges))
-            path = Path(tmp) / f"{kind}_{i}.tflite"
-            path.write_bytes(data)
-            int8[(i, kind)] = SegmentGraph(Interpreter(model_path=str(path), num_threads=2), str(path))
+            module = segments[i][KINDS.index(kind)]
+            parts = ([(kind, module, feeds)] if not isinstance(module, seg.SplitAttentionSegment)
+                     else [(part, sub, seg.part_feeds(segments[i], part, feeds))
+                           for part, sub in module.parts()])
+            graphs = []
+            for part, sub, part_feeds in parts:
+                path = Path(tmp) / f"{part}_{i}.tflite"
+                path.write_bytes(quantize_segment(part, sub, seq_len, hidden, part_feeds,
+                                                  range_function(ranges)))
+                graphs.append(SegmentGraph(Interpreter(model_path=str(path), num_threads=2),
+                                           str(path)))
+            int8[(i, kind)] = graphs[0] if len(graphs) == 1 else _split_runner(module, *graphs)
 
         def run(i: int, kind: str, x: Any, mask: Optional[Any]) -> Any:
             if (i, kind) not in int8:
@@ -164,6 +171,20 @@ def _study(checkpoint: str, art_dir: Path, seq_len: int, recipe: Any,
             "ranges": ranges.value, "eval_texts": eval_texts,
             "texts": len(values), "kinds": list(kinds), "cosine_mean": float(values.mean()),
             "cosine_min": float(values.min()), "cosine_p1": float(np.percentile(values, 1))}
+
+
+def _split_runner(module: Any, qkv: Any, out: Any) -> Any:
+    """A split attention with its two projections int8 graphs and the host core in float,
+    called like a one-graph attention ``SegmentGraph``."""
+    import torch
+
+    def run(a: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        def graph(fn: Any) -> Any:
+            return lambda t: torch.from_numpy(fn(t.numpy()))
+        with torch.no_grad():
+            return module.run_with(graph(qkv), graph(out), torch.from_numpy(a),
+                                   torch.from_numpy(mask)).numpy()
+    return run
 
 
 def tensor_study(checkpoint: str, art_dir: Path, seq_len: int, recipe: Any,
@@ -202,6 +223,11 @@ def tensor_study(checkpoint: str, art_dir: Path, seq_len: int, recipe: Any,
         for i in layers:
             for kind in kinds:
                 module = segments[i][KINDS.index(kind)]
+                if isinstance(module, seg.SplitAttentionSegment):
+                    from gemma_edge.errors import InputError
+                    raise InputError(f"--seq-len {seq_len}: the attention is split there (its "
+                                     "core runs on the host in float); --tensor-snr reads "
+                                     "one-graph segments: --kinds mlp or --host-attention-upto 0")
                 graph = float_segment(kind, module, seq_len, core.spec.hidden_size)
                 int8 = quantize_float_segment(graph, cal_inputs[(i, kind)],
                                               range_function(ranges))
@@ -248,7 +274,9 @@ def _run(args: Any) -> int:
         mlp_split=default.mlp_split if args.mlp_split is None else args.mlp_split,
         softmax_split=default.softmax_split if args.softmax_split is None else args.softmax_split,
         softmax_split_from=(default.softmax_split_from if args.softmax_split_from is None
-                            else args.softmax_split_from)).validate("--")
+                            else args.softmax_split_from),
+        host_attention_upto=(default.host_attention_upto if args.host_attention_upto is None
+                             else args.host_attention_upto)).validate("--")
     if args.tensor_snr:
         from .tensor_snr import format_table
 
@@ -291,6 +319,9 @@ def register(sub: Any) -> None:
                         "fraction of the row maximum (0: one tensor; default: the export's)")
     p.add_argument("--softmax-split-from", type=int, default=None, metavar="TOKENS",
                    help="the smallest bucket that uses --softmax-split (default: the export's)")
+    p.add_argument("--host-attention-upto", type=int, default=None, metavar="TOKENS",
+                   help="buckets up to this many tokens split the attention, its core on the "
+                        "host in float (default: the shipped recipe's; 0: none)")
     p.add_argument("--calibration", type=int, default=32, help="corpus samples")
     p.add_argument("--ranges", default=RangeStatistic.MOVING_AVERAGE.value,
                    choices=[r.value for r in RangeStatistic],

@@ -86,6 +86,20 @@ class HybridHost:
                          for p in self.paths]
         self.core, self.seq_len = core, seq_len
         self.encoder = BucketEncoder(core, seq_len).eval()
+        # graphs per layer: attention + MLP, or a split attention's qkv + o + MLP
+        self.per_layer = len(self.paths) // len(core.layers)
+        self.attention = None
+        if self.per_layer == 3:
+            from gemma_edge.device.host_attention import HostAttention
+
+            self.attention = HostAttention(self.host, seq_len, str(host_file))
+
+    def _graphs(self, i: int, kind: str) -> tuple[Any, Any]:
+        """(first, last) graph of layer ``i``'s ``kind`` branch: its input and output."""
+        n = self.per_layer
+        if kind == "mlp":
+            return self.segments[n * i + n - 1], self.segments[n * i + n - 1]
+        return self.segments[n * i], self.segments[n * i + n - 2]
 
     @classmethod
     def from_export(cls, core: Any, art: Path, seq_len: int) -> HybridHost:
@@ -116,18 +130,23 @@ class HybridHost:
 
     def _int8_branch(self, i: int, kind: str, h: np.ndarray, mask: np.ndarray) -> np.ndarray:
         hs = self.host
+        first, last = self._graphs(i, kind)
         if kind == "attn":
-            out = self.segments[2 * i](h / hs["attn_in"][i], mask).reshape(h.shape)
-            return out.astype(np.float64) * hs["attn_out"][i]
+            a = h / hs["attn_in"][i]
+            if self.attention is None:
+                out = first(a, mask)
+            else:  # the split attention: qkv graph, the host's float core, o graph
+                out = last(self.attention.core(i, first(a), mask))
+            return out.reshape(h.shape).astype(np.float64) * hs["attn_out"][i]
         scale = hs["ff_out"][i].reshape(-1, 1, h.shape[-1])
-        out = self.segments[2 * i + 1](h / hs["ff_in"][i]).reshape(len(scale), *h.shape)
+        out = first(h / hs["ff_in"][i]).reshape(len(scale), *h.shape)
         return (out.astype(np.float64) * scale).sum(0)
 
     def _ranges(self, i: int, kind: str, h: np.ndarray, out: np.ndarray, rows: np.ndarray
                 ) -> tuple[float, float, float]:
         """(input over-range, output over-range, input energy below one step) on ``rows``."""
         hs = self.host
-        seg = self.segments[2 * i + (kind == "mlp")]
+        seg, last = self._graphs(i, kind)
         x = (h / hs["attn_in" if kind == "attn" else "ff_in"][i])[rows]
         lo, hi = int8_range(seg.a)
         step = float(seg.a["quantization"][0])
@@ -137,7 +156,7 @@ class HybridHost:
             y = out[rows] / hs["attn_out"][i]
         else:  # the partials' scale differs; the sum's over-range is the excess partial's
             y = out[rows] / hs["ff_out"][i].max(0)
-        lo, hi = int8_range(seg.out)
+        lo, hi = int8_range(last.out)
         return in_over, float(np.abs(y).max() / max(-lo, hi)), below
 
     def run(self, sample: dict[str, np.ndarray], int8: Iterable[tuple[int, str]],
@@ -412,9 +431,14 @@ def segment_feeds(hybrid: HybridHost, sample: dict[str, np.ndarray], layer: int,
 def segment_graphs(hybrid: HybridHost, art: Path, layer: int, kind: str) -> tuple[bytes, bytes]:
     """(float graph converted from the checkpoint with the export's scales, the export's
     int8 graph) of one segment."""
+    from gemma_edge.errors import InputError
     from gemma_edge.export.segments import float_segment, layer_segments, scales_from_host
 
+    if kind == "attn" and hybrid.attention is not None:
+        raise InputError(f"{hybrid.seq_len}-token segments: the attention is split (its core "
+                         "runs on the host in float); tensor SNR reads one-graph segments")
     scales = scales_from_host(hybrid.host)
     module = layer_segments(hybrid.core, hybrid.seq_len, scales)[layer][KINDS.index(kind)]
     graph = float_segment(kind, module, hybrid.seq_len, hybrid.core.spec.hidden_size)
-    return graph, hybrid.paths[2 * layer + KINDS.index(kind)].read_bytes()
+    n = hybrid.per_layer
+    return graph, hybrid.paths[n * layer + (n - 1 if kind == "mlp" else 0)].read_bytes()

@@ -16,6 +16,14 @@ pytest.importorskip("litert_torch")
 BUCKET = 32
 
 
+def one_graph_attention():
+    """The shipped recipe with the attention in one int8 graph at every bucket (the
+    tests of that graph's softmax chain; the short buckets split it by default)."""
+    from gemma_edge.export.segments.recipe import DEFAULT_RECIPE
+
+    return DEFAULT_RECIPE.with_splits(host_attention_upto=0)
+
+
 def test_segmented_rewrite_is_exact_in_float(tiny_core, calibration):
     from gemma_edge.export import segments as seg
     from gemma_edge.export.segments import FLOAT_EQUALITY, check_float
@@ -66,10 +74,21 @@ def test_export_writes_fully_int8_segments_the_embedder_runs(tiny_checkpoint, tm
     from gemma_edge.manifest import find_graph, load_manifest
 
     out = tmp_path / "art"
+    # bucket 16 with its attention core on the host (three graphs a layer), 32 without
     manifest = run_export(str(tiny_checkpoint), out, ExportOptions(
-        buckets=(16, 32), pool_slots=2, edgetpu_buckets=(32,), evaluate=False))
-    graph = find_graph(manifest, "edgetpu", 32)
+        buckets=(16, 32), pool_slots=2, edgetpu_buckets=(16, 32), evaluate=False,
+        edgetpu_host_attention_upto=16))
     layers = manifest["model"]["num_layers"]
+    split = find_graph(manifest, "edgetpu", 16)
+    assert split["smoothing"]["host_attention_upto"] == 16
+    assert [n.split("/")[1].rsplit("_", 2)[0] for n in split["segments"][:3]] == [
+        "attn_qkv", "attn_o", "mlp"] and len(split["segments"]) == 3 * layers
+    assert set(split["census"]) <= {"INT8", "INT32"}, split["census"]
+    for name in split["segments"][:2]:  # each projection: one 1x1 convolution, nothing else
+        g = analyze(out / name).to_json()["graphs"][0]
+        assert g["cut"] is None and g["op_share"] == 1.0, g["cut"]
+        assert Counter(o["op"] for o in g["operators"]) == {"CONV_2D": 1}, name
+    graph = find_graph(manifest, "edgetpu", 32)
     assert graph["layout"] == "segments" and len(graph["segments"]) == 2 * layers
     assert set(graph["census"]) <= {"INT8", "INT32"}, graph["census"]
     assert graph["smoothing"]["mlp_split"] == 0.125  # the two-range GELU product
@@ -99,7 +118,9 @@ def test_export_writes_fully_int8_segments_the_embedder_runs(tiny_checkpoint, tm
     from gemma_edge.cli import main
     capsys.readouterr()
     assert main(["check", str(out), "--json"]) == 0
-    summary = json.loads(capsys.readouterr().out)["buckets"]["32"]
+    buckets = json.loads(capsys.readouterr().out)["buckets"]
+    assert buckets["16"]["models"] == 3 * layers
+    summary = buckets["32"]
     assert summary["models"] == 2 * layers and summary["tpu_ops"] == summary["ops"]
     assert 0.5 < summary["mac_share"] < 1.0  # tiny model: the host's Dense head weighs more
     assert summary["cached_bytes"] + summary["streamed_bytes"] == summary["param_bytes"]
@@ -115,6 +136,9 @@ def test_export_writes_fully_int8_segments_the_embedder_runs(tiny_checkpoint, tm
     # packed (several texts per bucket) equals one by one
     single = np.stack([emb.encode_query([t])[0] for t in texts])
     np.testing.assert_allclose(single, ours, atol=2e-2)
+    # the short texts ran in the 16-token bucket, whose attention is split
+    assert any(f.endswith("#16") for f in emb.graphs.open_files), emb.graphs.open_files
+
     # the segments stop at 32 tokens, the float graphs at 32 too: a plain warning
     with caplog.at_level(logging.WARNING, logger="gemma_edge.device"):
         emb.encode_query(["word " * 100])
@@ -167,7 +191,7 @@ def test_profiler_calibration_equals_the_tensor_copying_one(tiny_core, calibrati
     from gemma_edge.export.segments import float_segment
 
     samples = calibration[BUCKET][:3]
-    scales = seg.measure_scales(tiny_core, samples)
+    scales = seg.measure_scales(tiny_core, samples, one_graph_attention())
     segments = seg.layer_segments(tiny_core, BUCKET, scales)
     feeds = seg.segment_inputs(tiny_core, scales, samples)
     for kind, segment in zip(("attn", "mlp"), segments[0]):
@@ -240,7 +264,7 @@ def test_row_blocks_of_one_product_share_one_range(tiny_core, calibration):
     from gemma_edge.export.segments.graph import _AttnSeg, _convert_segment
 
     samples = calibration[BUCKET][:4]
-    scales = seg.measure_scales(tiny_core, samples)
+    scales = seg.measure_scales(tiny_core, samples, one_graph_attention())
     hd = tiny_core.layers[0].head_dim
     segments = seg.layer_segments(tiny_core, BUCKET, scales, max_product=BUCKET * hd * 8)
     feeds = seg.segment_inputs(tiny_core, scales, samples)[(0, "attn")]
@@ -288,8 +312,8 @@ def test_two_range_softmax_is_exact_in_float_and_fully_int8(tiny_core, calibrati
     )
 
     samples = calibration[BUCKET]
-    scales = seg.measure_scales(tiny_core, samples, seg.SegmentRecipe(softmax_split=0.125,
-                                                                  softmax_split_from=BUCKET))
+    scales = seg.measure_scales(tiny_core, samples, seg.SegmentRecipe(
+        softmax_split=0.125, softmax_split_from=BUCKET, host_attention_upto=0))
     assert all(s.softmax_split == 0.125 for s in scales)
     segments = seg.layer_segments(tiny_core, BUCKET, scales)
     # only buckets from softmax_split_from up carry the two ranges; the host file keeps
@@ -328,25 +352,29 @@ def test_segments_built_in_worker_processes_equal_the_inline_build(tiny_core, ca
         assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "two" / name).read_bytes()
 
 
-def test_segment_templates_give_the_graphs_litert_torch_converts(tiny_core, calibration):
+@pytest.mark.parametrize("split", [False, True], ids=["one-graph-attention", "split-attention"])
+def test_segment_templates_give_the_graphs_litert_torch_converts(tiny_core, calibration, split):
     """A template converted once per structure, filled with each layer's tensors, is the
     float graph litert-torch converts for that layer, byte for byte."""
     from gemma_edge.export import segments as seg
     from gemma_edge.export.segments import build_template, float_segment, template_key
 
     samples = calibration[BUCKET][:3]
-    scales = seg.measure_scales(tiny_core, samples)
+    recipe = one_graph_attention().with_splits(host_attention_upto=BUCKET if split else 0)
+    scales = seg.measure_scales(tiny_core, samples, recipe)
     hidden = tiny_core.spec.hidden_size
     templates: dict = {}
     for pair in seg.layer_segments(tiny_core, BUCKET, scales):
-        for kind, segment in zip(("attn", "mlp"), pair):
+        for kind, segment in seg.graph_parts(pair):
             key = template_key(segment)
             if key not in templates:
                 templates[key] = build_template(kind, segment, BUCKET, hidden)
             assert templates[key] is not None and templates[key].maps
             assert templates[key].fill(segment) == float_segment(kind, segment, BUCKET, hidden)
-    # the tiny model's sliding and global layers differ in graph (the band mask)
-    assert len(templates) == 3
+    # one graph: the tiny model's sliding and global layers differ (the band mask), + MLP;
+    # split: the qkv and o projections are the same graph in every layer, + MLP
+    assert sorted(t.kind for t in templates.values()) == (
+        ["attn_o", "attn_qkv", "mlp"] if split else ["attn", "attn", "mlp"])
 
 
 class _Folded(torch.nn.Module):

@@ -12,9 +12,12 @@ inputs, activations, weights and outputs, Edge TPU-mappable ops only):
 
 and the host does what 8 bits cannot: the residual adds and the four RMSNorms
 of each layer in float32 (a few vector ops per token), the pooling, the Dense
-head and the L2 norm. Every encoder weight is in the segments (99.7 % of the MACs
-at 256 tokens; only the Dense head runs on the host); on a Coral board each segment
-is one Edge TPU call.
+head and the L2 norm. In the short buckets (``SegmentRecipe.host_attention_upto``,
+64 tokens) the attention is split in two graphs, its q/k/v and o projections, and
+the host computes the softmax attention between them in float (``split_attention``):
+the int8 softmax chain was where short sentences lost (issue 20). Every encoder
+weight is in the segments (99.7 % of the MACs at 256 tokens; only the Dense head runs
+on the host); on a Coral board each segment is one Edge TPU call.
 
 Exact rewrites that make per-tensor int8 work, all folded into weights or into
 host-side per-channel vectors (checked equal in float by ``host.check_float``):
@@ -40,6 +43,8 @@ The package, in the order the export uses it:
   and its validation;
 - ``modules``: the torch modules ``AttentionSegment`` / ``MlpSegment`` and the
   per-channel ``LayerScales`` folded into them;
+- ``split_attention``: ``SplitAttentionSegment``, the short buckets' attention (two
+  projection graphs, the core on the host);
 - ``host``: the host loop around the segments (``host_forward``), the float reference
   loop, ``check_float``;
 - ``calibration``: ``measure_scales`` and each segment's calibration inputs;
@@ -68,20 +73,24 @@ from .graph import build_template, fill_checked, float_segment, template_key
 from .host import (
     FLOAT_EQUALITY,
     check_float,
+    graph_parts,
     host_forward,
     layer_segments,
+    part_feeds,
     reference_forward,
     sample_tensors,
     torch_runner,
 )
 from .modules import AttentionSegment, LayerScales, MlpSegment
 from .recipe import DEFAULT_RECIPE, SegmentRecipe
+from .split_attention import SplitAttentionSegment
 
 __all__ = [
     "DEFAULT_RECIPE", "FLOAT_EQUALITY", "HOST_FILE", "SEGMENT_DIR", "AttentionSegment", "LayerScales",
     "MlpSegment", "SegmentBuild", "SegmentRecipe", "build_segmented", "build_template",
-    "check_float", "fill_checked", "float_segment", "host_constants", "host_forward",
-    "layer_segments", "measure_scales", "quantize_float_segment", "quantize_segment",
+    "SplitAttentionSegment", "check_float", "fill_checked", "float_segment", "graph_parts",
+    "host_constants", "host_forward", "layer_segments", "measure_scales", "part_feeds",
+    "quantize_float_segment", "quantize_segment",
     "reference_forward", "sample_tensors", "scales_from_host", "segment_inputs",
     "segment_name", "template_key", "torch_runner",
 ]

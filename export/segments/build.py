@@ -1,7 +1,8 @@
 """The build of the segments: convert, calibrate and quantise every segment into files.
 
 One fully int8 TFLite graph per layer and kind per bucket (``edgetpu/attn_<T>_<L>.tflite``,
-``edgetpu/mlp_<T>_<L>.tflite``) and the host loop's constants (``edgetpu/host.npz``):
+``edgetpu/mlp_<T>_<L>.tflite``; a split attention's ``attn_qkv_<T>_<L>`` and
+``attn_o_<T>_<L>``) and the host loop's constants (``edgetpu/host.npz``):
 ``SegmentBuild`` measures the scales, checks the rewrite in float, and has worker
 processes fill and quantise the graphs while the export does other work.
 """
@@ -23,9 +24,10 @@ from ..encoder import EncoderCore
 from ..quantize import RangeFn
 from .calibration import measure_scales, segment_inputs
 from .graph import SegmentTemplate, build_template, fill_checked, template_key
-from .host import check_float, layer_segments
-from .modules import AttentionSegment, LayerScales, MlpSegment
+from .host import check_float, graph_parts, layer_segments, part_feeds
+from .modules import LayerScales
 from .recipe import DEFAULT_RECIPE, SegmentRecipe
+from .split_attention import host_attention_constants
 
 SEGMENT_DIR = "edgetpu"
 HOST_FILE = f"{SEGMENT_DIR}/host.npz"
@@ -64,11 +66,20 @@ def host_constants(core: EncoderCore, scales: Sequence[LayerScales]) -> dict[str
         "act_split": np.array([s.act_split for s in scales], np.float32),
         "softmax_split": np.array([s.softmax_split for s in scales], np.float32),
         "softmax_split_from": np.array([s.softmax_split_from for s in scales], np.int32),
+        "host_attention_upto": np.array([s.host_attention_upto for s in scales], np.int32),
         "post_attn_gain": np.stack([f32(layer.post_attn_norm.gain) for layer in core.layers]),
         "post_ff_gain": np.stack([f32(layer.post_ff_norm.gain) for layer in core.layers]),
         "dense_count": np.int32(len(core.dense)),
         "dense_mean": np.int32(core.dense_has_bias),
     }
+    if any(s.host_attention_upto for s in scales):
+        spec = core.spec
+        sliding = [t == "sliding_attention" for t in spec.layer_types]
+        out.update(host_attention_constants(
+            list(core.layers), list(scales),
+            [spec.rope_theta_local if s else spec.rope_theta_global for s in sliding],
+            [spec.window_radius if s else 0 for s in sliding]))
+        out["v_abs"] = np.stack([s.v_abs for s in scales])
     for i, dense in enumerate(core.dense):
         out[f"dense_{i}_weight"] = f32(dense.weight)
         if dense.bias is not None:
@@ -83,15 +94,17 @@ def scales_from_host(host: dict[str, np.ndarray]) -> list[LayerScales]:
                         host["q_scale"][i], host["k_scale"][i],
                         float(host["act_split"][i]) if "act_split" in host else 0.0,
                         float(host["softmax_split"][i]) if "softmax_split" in host else 0.0,
-                        int(host["softmax_split_from"][i]) if "softmax_split_from" in host else 0)
+                        int(host["softmax_split_from"][i]) if "softmax_split_from" in host else 0,
+                        host["v_abs"][i] if "v_abs" in host else None,
+                        int(host["host_attention_upto"][i]) if "host_attention_upto" in host else 0)
             for i in range(len(host["attn_in"]))]
 
 
-def quantize_segment(kind: str, segment: AttentionSegment | MlpSegment, seq_len: int,
+def quantize_segment(kind: str, segment: torch.nn.Module, seq_len: int,
                      hidden: int, feeds: Sequence[dict[str, np.ndarray]],
                      ranges: Optional[RangeFn] = None,
                      template: Optional[SegmentTemplate] = None) -> bytes:
-    """Convert one segment ("attn" or "mlp") and quantise it fully to int8 on ``feeds``;
+    """Convert one segment ("attn", "mlp", "attn_qkv" or "attn_o") and quantise it fully to int8 on ``feeds``;
     with a ``template`` of its structure the float graph is the template filled with the
     segment's values (checked on the first feed) instead of a conversion.
 
@@ -172,7 +185,7 @@ class SegmentBuild:
                 self._say(f"segments: bucket {seq_len} equal in float (cos {worst:.7f})")
                 templates: dict[tuple, Future] = {}
                 for pair in segments if self.templates else []:
-                    for kind, segment in zip(("attn", "mlp"), pair):
+                    for kind, segment in graph_parts(pair):
                         key = template_key(segment)
                         if key not in templates:
                             templates[key] = pool.submit(build_template, kind, segment,
@@ -182,11 +195,12 @@ class SegmentBuild:
             for seq_len, segments, templates, inputs in prepared:
                 jobs = []
                 for i, pair in enumerate(segments):
-                    for kind, segment in zip(("attn", "mlp"), pair):
+                    for kind, segment in graph_parts(pair):
                         future = templates.get(template_key(segment)) if templates else None
+                        feeds = (inputs[(i, kind)] if kind in ("attn", "mlp")
+                                 else part_feeds(pair, kind, inputs[(i, "attn")]))
                         job = pool.submit(quantize_segment, kind, segment, seq_len, hidden,
-                                          inputs[(i, kind)], None,
-                                          future.result() if future else None)
+                                          feeds, None, future.result() if future else None)
                         if self.on_segment_done:
                             job.add_done_callback(lambda _job: self.on_segment_done())
                         jobs.append((i, kind, job))

@@ -121,7 +121,9 @@ def measure_scales(core: EncoderCore, samples: Sequence[dict[str, np.ndarray]],
                                  (attn_in, v, attn_out, ff_in, act, ff_out, q_abs, k_abs)),
                                act_split=splits[i],
                                softmax_split=recipe.softmax_split,
-                               softmax_split_from=recipe.softmax_split_from))
+                               softmax_split_from=recipe.softmax_split_from,
+                               v_abs=stats[(i, "v")].clamp(min=1e-6).numpy().astype(np.float32),
+                               host_attention_upto=recipe.host_attention_upto))
     if not all(np.isfinite(v).all() for s in out for v in vars(s).values() if v is not None):
         raise QuantizationError("per-channel scales are not finite: the float encoder "
                                 "produced inf/NaN on the calibration inputs")

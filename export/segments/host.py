@@ -20,6 +20,7 @@ from gemma_edge.errors import QuantizationError
 from ..coral_ops import DEFAULT_MAX_PRODUCT
 from ..encoder import BucketEncoder, EncoderCore
 from .modules import AttentionSegment, LayerScales, MlpSegment, _t
+from .split_attention import QKV, SplitAttentionSegment
 
 FLOAT_EQUALITY = 0.99999  # min cosine of the segmented rewrite to BucketEncoder in float
 
@@ -79,18 +80,50 @@ def host_forward(core: EncoderCore, scales: Sequence[LayerScales], run: SegmentF
 def layer_segments(core: EncoderCore, seq_len: int, scales: Sequence[LayerScales],
                    max_product: int = DEFAULT_MAX_PRODUCT
                    ) -> list[tuple[AttentionSegment, MlpSegment]]:
+    """Each layer's (attention, MLP) segment modules for one bucket: the attention an
+    ``AttentionSegment`` (one int8 graph) or, in buckets of at most
+    ``host_attention_upto`` tokens, a ``SplitAttentionSegment`` (two graphs, the core on
+    the host)."""
     spec = core.spec
     out = []
     for i, layer in enumerate(core.layers):
         sliding = spec.layer_types[i] == "sliding_attention"
         theta = spec.rope_theta_local if sliding else spec.rope_theta_global
-        out.append((AttentionSegment(layer, seq_len, sliding, spec.window_radius, theta,
-                                     scales[i], max_product).eval(),
-                    MlpSegment(layer, scales[i]).eval()))
+        attn: nn.Module
+        if seq_len <= scales[i].host_attention_upto:
+            attn = SplitAttentionSegment(layer, seq_len, sliding, spec.window_radius, theta,
+                                         scales[i])
+        else:
+            attn = AttentionSegment(layer, seq_len, sliding, spec.window_radius, theta,
+                                    scales[i], max_product)
+        out.append((attn.eval(), MlpSegment(layer, scales[i]).eval()))
     return out
 
 
-def torch_runner(segments: Sequence[tuple[AttentionSegment, MlpSegment]]) -> SegmentFn:
+def graph_parts(pair: tuple[nn.Module, MlpSegment]) -> list[tuple[str, nn.Module]]:
+    """The graphs of one layer, (kind, module) in the order the device runs them:
+    attn, mlp; or attn_qkv, attn_o, mlp where the attention is split."""
+    attn, mlp = pair
+    if isinstance(attn, SplitAttentionSegment):
+        return [*attn.parts(), ("mlp", mlp)]
+    return [("attn", attn), ("mlp", mlp)]
+
+
+def part_feeds(pair: tuple[nn.Module, MlpSegment], kind: str,
+               attn_feeds: list[dict[str, np.ndarray]]) -> list[dict[str, np.ndarray]]:
+    """A split attention's part's calibration inputs from the attention's ({a, mask}):
+    the qkv segment takes ``a``, the o segment what the float host core makes of it."""
+    attn = pair[0]
+    if not isinstance(attn, SplitAttentionSegment):
+        raise ValueError(f"{kind}: not a part of a split attention")
+    if kind == QKV:
+        return [{"b": f["a"]} for f in attn_feeds]
+    with torch.no_grad():
+        return [{"b": attn.core(attn.qkv(torch.from_numpy(f["a"])),
+                                torch.from_numpy(f["mask"])).numpy()} for f in attn_feeds]
+
+
+def torch_runner(segments: Sequence[tuple[nn.Module, MlpSegment]]) -> SegmentFn:
     def run(i: int, kind: str, x: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
         attn, mlp = segments[i]
         return attn(x, mask) if kind == "attn" else mlp(x)
@@ -137,7 +170,7 @@ def sample_tensors(sample: dict[str, np.ndarray]) -> list[torch.Tensor]:
 
 @torch.no_grad()
 def check_float(core: EncoderCore, scales: Sequence[LayerScales],
-                segments: Sequence[tuple[AttentionSegment, MlpSegment]],
+                segments: Sequence[tuple[nn.Module, MlpSegment]],
                 samples: Sequence[dict[str, np.ndarray]]) -> float:
     """Min cosine (live pooling slots) of host loop + float segments to BucketEncoder."""
     worst = 1.0

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Optional
 
 import numpy as np
 import torch
@@ -51,6 +52,10 @@ class LayerScales:
     softmax_split: float = 0.0
     # the smallest bucket (tokens) whose attention segments use softmax_split
     softmax_split_from: int = 0
+    # [D] raw V channel absmax: the qkv segment of a split attention divides by it
+    v_abs: Optional[np.ndarray] = None
+    # buckets of at most this many tokens split their attention (split_attention.py); 0: none
+    host_attention_upto: int = 0
 
     @staticmethod
     def identity(c: int, d: int, i: int, heads: int = 1) -> LayerScales:

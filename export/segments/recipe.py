@@ -56,16 +56,29 @@ class SegmentRecipe:
     # trading the extra attention ops back in small buckets.
     softmax_split: float = 0.125
     softmax_split_from: int = 0
+    # Buckets of at most this many tokens compute the attention core (q/k norms, RoPE,
+    # scores, softmax, weights x V) on the host in float, between two int8 projection
+    # segments (split_attention.py); 0: every bucket keeps it in its int8 segment. The
+    # short-sentence tail (issue 20) came from that int8 softmax chain.
+    host_attention_upto: int = 64
 
     def with_splits(self, mlp_split: Optional[float] = None,
-                    softmax_split: Optional[float] = None) -> SegmentRecipe:
+                    softmax_split: Optional[float] = None,
+                    host_attention_upto: Optional[int] = None) -> SegmentRecipe:
         """This recipe with the given splits (None: keep this recipe's)."""
         changes: dict[str, Any] = {}
+        if host_attention_upto is not None:
+            changes["host_attention_upto"] = host_attention_upto
         if mlp_split is not None:
             changes["mlp_split"] = mlp_split
         if softmax_split is not None:
             changes["softmax_split"] = softmax_split
         return replace(self, **changes) if changes else self
+
+    def graphs_per_layer(self, seq_len: int) -> int:
+        """Segment graphs per layer in a bucket: attention and MLP, or with the attention
+        core on the host its two projections and the MLP."""
+        return 3 if seq_len <= self.host_attention_upto else 2
 
     def validate(self, flag_prefix: str = "--") -> SegmentRecipe:
         """Return the recipe, or raise InputError naming the option that set the bad value
@@ -84,6 +97,9 @@ class SegmentRecipe:
         if not (isinstance(self.softmax_split_from, int) and self.softmax_split_from >= 0):
             raise InputError(f"{flag_prefix}softmax-split-from {self.softmax_split_from}: a "
                              "bucket length in tokens, 0 or more (0: every bucket)")
+        if not (isinstance(self.host_attention_upto, int) and self.host_attention_upto >= 0):
+            raise InputError(f"{flag_prefix}host-attention-upto {self.host_attention_upto}: a "
+                             "bucket length in tokens, 0 or more (0: no bucket)")
         return self
 
     def to_json(self) -> dict[str, Any]:
@@ -93,7 +109,8 @@ class SegmentRecipe:
         return {"attn_in": self.attn_in, "v": self.v, "ff_in": self.ff_in, "act": self.act,
                 "mlp_groups": 1, "mlp_host_sum": self.mlp_host_sum,
                 "mlp_split": self.mlp_split, "softmax_split": self.softmax_split,
-                "softmax_split_from": self.softmax_split_from}
+                "softmax_split_from": self.softmax_split_from,
+                "host_attention_upto": self.host_attention_upto}
 
 
 DEFAULT_RECIPE = SegmentRecipe()  # what `gemma-edge export` builds without split flags

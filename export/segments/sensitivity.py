@@ -42,9 +42,11 @@ def segment_sensitivity(core: EncoderCore, art_dir: Path, graph: dict,
         def run(i: int, kind: str, x: torch.Tensor, mask: Optional[torch.Tensor],
                 live: torch.Tensor = live, sample: dict = sample) -> torch.Tensor:
             ref = float_run(i, kind, x, mask)
-            seg = runner.segments[2 * i + (kind == "mlp")]
-            got = torch.from_numpy(seg(x.numpy(), sample["mask"] if kind == "attn" else None)
-                                   .reshape(ref.shape))
+            if kind == "attn":  # one graph, or a split attention's two and its host core
+                out = runner.attend(i, x.numpy(), sample["mask"])
+            else:
+                out = runner.segments[runner.per_layer * (i + 1) - 1](x.numpy())
+            got = torch.from_numpy(out.reshape(ref.shape))
             # the branch output as the host uses it: partials ([1, G, T, C]: the MLP's
             # two ranges) scaled per channel and added
             weight = torch.from_numpy(np.asarray(
