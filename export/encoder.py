@@ -208,6 +208,11 @@ class EncoderLayer(nn.Module):
         ms at 256 tokens there (measured, docs/quantization.md). As a batched matmul it
         stays inside the XNNPACK partition: 91 ms.
         """
+        return self.o_proj(self.attention_heads(h, rope, bias))
+
+    def attention_heads(self, h: torch.Tensor, rope: RopeTables, bias: torch.Tensor
+                        ) -> torch.Tensor:
+        """The attention up to o_proj's input ``[T, H * D]`` (the heads concatenated)."""
         hd, heads, kv = self.head_dim, self.num_heads, self.num_kv
         group, seq = heads // kv, h.shape[0]
         qkv = self.qkv_proj(h)
@@ -225,7 +230,7 @@ class EncoderLayer(nn.Module):
             values = values.repeat_interleave(group, 0)
         probs = torch.softmax(torch.matmul(q, keys) + bias, dim=-1)       # [H, T, T]
         out = torch.matmul(probs, values)                                  # [H, T, D]
-        return self.o_proj(out.permute(1, 0, 2).reshape(seq, heads * hd))
+        return out.permute(1, 0, 2).reshape(seq, heads * hd)
 
     def forward(self, x: torch.Tensor, rope: RopeTables, bias: torch.Tensor) -> torch.Tensor:
         x = x + self.post_attn_norm(self.attention(self.input_norm(x), rope, bias))

@@ -148,28 +148,6 @@ def fake_int8_rows(x: Any) -> Any:
     return (q - zero) * scale
 
 
-def attention_core(layer: Any, h: Any, rope: Any, bias: Any) -> Any:
-    """``EncoderLayer.attention`` up to the o_proj input ``[T, heads * head_dim]``."""
-    import torch
-
-    hd, heads, kv = layer.head_dim, layer.num_heads, layer.num_kv
-    seq = h.shape[0]
-    qkv = layer.qkv_proj(h)
-    q = qkv[:, :heads * hd]
-    k = qkv[:, heads * hd:(heads + kv) * hd]
-    v = qkv[:, (heads + kv) * hd:]
-    q = layer._rope(layer.q_norm(q.reshape(seq, heads, hd)), rope.cos_q, rope.sin_q)
-    k = layer._rope(layer.k_norm(k.reshape(seq * kv, hd)), rope.cos, rope.sin)
-    q = q.permute(1, 0, 2)
-    keys = k.reshape(seq, kv, hd).permute(1, 2, 0)
-    values = v.reshape(seq, kv, hd).permute(1, 0, 2)
-    if kv > 1:
-        keys = keys.repeat_interleave(heads // kv, 0)
-        values = values.repeat_interleave(heads // kv, 0)
-    probs = torch.softmax(torch.matmul(q, keys) + bias, dim=-1)
-    return torch.matmul(probs, values).permute(1, 0, 2).reshape(seq, heads * hd)
-
-
 def mlp_act(layer: Any, m: Any) -> Any:
     """The down_proj input ``gelu(gate) * up`` of the MLP for the residual stream ``m``."""
     import torch
@@ -230,7 +208,7 @@ def quantise(model: Model, method: str, parts: Sequence[str], cal_ids: Sequence[
             if "attn" in here:
                 h = sum(G.hessian(layer.input_norm(x)) for x in xs)
                 solve(f"layers.{li}.qkv_proj", h)
-                h = sum(G.hessian(attention_core(layer, layer.input_norm(x), *inp))
+                h = sum(G.hessian(layer.attention_heads(layer.input_norm(x), *inp))
                         for x, inp in zip(xs, inputs))
                 solve(f"layers.{li}.o_proj", h)
             mids = [x + layer.post_attn_norm(layer.attention(layer.input_norm(x), *inp))
