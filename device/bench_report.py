@@ -59,8 +59,10 @@ def print_report(report: dict[str, Any]) -> None:
             tokens = r.get("bulk_tokens")
             mix = (f" ({tokens['mean']:.1f} tokens on average with the prompt, median "
                    f"{tokens['median']:g}, max {tokens['max']})" if tokens else "")
+            rate = (f" ({r['bulk_packed_tokens_per_s']:.0f} tokens/s)"
+                    if "bulk_packed_tokens_per_s" in r else "")
             print(f"{p}: bulk {r['bulk_texts']} docs{mix}: packed {r['bulk_packed_texts_per_s']:.1f}"
-                  f" texts/s, padded {r['bulk_padded_texts_per_s']:.1f} texts/s "
+                  f" texts/s{rate}, padded {r['bulk_padded_texts_per_s']:.1f} texts/s "
                   f"({r['bulk_speedup']:.2f}x; the two modes interleaved batch by batch)"
                   + (f"; the per-bucket p50s predict {r['bulk_model_speedup']:.2f}x for the "
                      f"same plans, at most {r['bulk_bound_speedup']:.2f}x for any packing"

@@ -22,6 +22,8 @@ def test_measure_reports_every_figure(tiny_artifacts):
     assert result["bulk_packed_texts_per_s"] > 0 and result["peak_rss_mb"] > 10
     assert 0 < result["bulk_model_speedup"] <= result["bulk_bound_speedup"]
     tokens = result["bulk_tokens"]
+    assert result["bulk_packed_tokens_per_s"] == pytest.approx(
+        result["bulk_packed_texts_per_s"] * tokens["mean"])
     assert 0 < tokens["median"] <= tokens["max"] and 0 < tokens["mean"] <= tokens["max"]
     assert result["graph_role"] == "int8"
     kinds = result["resident_by_kind_mb"]
