@@ -13,8 +13,8 @@ import numpy as np
 from gemma_edge.errors import ArtifactError
 
 MASK_PENALTY = 1.0e4  # as the encoder's DEFAULT_MASK_PENALTY: exp(-1e4) == 0 in float32
-_KEYS = ("q_norm_gain", "k_norm_gain", "qkv_absmax", "v_scale", "rope_theta",
-         "window_radius", "num_heads", "head_dim", "eps")
+_KEYS = ("q_norm_gain", "k_norm_gain", "q_scale", "k_scale", "v_abs", "v_scale",
+         "rope_theta", "window_radius", "num_heads", "head_dim", "eps")
 
 
 class HostAttention:
@@ -29,7 +29,9 @@ class HostAttention:
         self.seq_len, self.eps = seq_len, float(host["eps"])
         self.q_gain = host["q_norm_gain"].astype(np.float32)
         self.k_gain = host["k_norm_gain"].astype(np.float32)
-        self.u = host["qkv_absmax"].astype(np.float32)
+        # the qkv segment's channel divisors: q's, k's and v's calibrated absmax
+        self.u = np.concatenate([host["q_scale"], host["k_scale"], host["v_abs"]],
+                                -1).astype(np.float32)
         self.s_o = np.tile(host["v_scale"].astype(np.float32), (1, self.heads))
         self.window = host["window_radius"].astype(np.int64)
         thetas = host["rope_theta"].astype(np.float64)
@@ -44,8 +46,8 @@ class HostAttention:
         q = x[:, :heads * hd].reshape(seq, heads, hd).transpose(1, 0, 2)   # [H, T, D]
         k, v = x[:, heads * hd:(heads + 1) * hd], x[:, (heads + 1) * hd:]
         cos, sin = self._rope[self.theta[layer]]
-        q = _rope(_rms(q, self.eps) * self.q_gain[layer], cos, sin)
-        k = _rope(_rms(k, self.eps) * self.k_gain[layer], cos, sin)
+        q = _rope(rms(q, self.eps) * self.q_gain[layer], cos, sin)
+        k = _rope(rms(k, self.eps) * self.k_gain[layer], cos, sin)
         bias = (mask.reshape(seq, seq).astype(np.float32) - 1.0) * MASK_PENALTY
         radius = int(self.window[layer])
         if 0 < radius < seq:
@@ -59,7 +61,8 @@ class HostAttention:
         return (o / self.s_o[layer]).astype(np.float32)
 
 
-def _rms(x: np.ndarray, eps: float) -> np.ndarray:
+def rms(x: np.ndarray, eps: float) -> np.ndarray:
+    """x / rms(x) over the last axis (the host loop's RMSNorms, without their gain)."""
     return x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + eps)
 
 

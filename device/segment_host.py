@@ -17,15 +17,11 @@ import numpy as np
 from gemma_edge.errors import ArtifactError
 from gemma_edge.graph_entries import GraphEntry
 
-from .host_attention import HostAttention
+from .host_attention import HostAttention, rms
 from .runtime import dequantize_output, quantize_input
 
 
-def _rms(x: np.ndarray, eps: float) -> np.ndarray:
-    return x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + eps)
-
-
-def _single_threaded_blas() -> Any:
+def _blas_controller() -> Any:
     """A threadpoolctl controller of the BLAS libraries numpy loaded (made once: finding
     them walks the process's libraries; each ``limit`` then costs ~10 us)."""
     from threadpoolctl import ThreadpoolController
@@ -82,14 +78,15 @@ class SegmentRunner:
         self.attention = (HostAttention(self.host, seq_len, str(Path(art_dir) / entry.path))
                           if self.per_layer == 3 else None)
         self.segments = [SegmentGraph(open_graph(Path(art_dir) / f), f) for f in entry.segments]
-        self._blas = _single_threaded_blas()
+        self._blas = _blas_controller()
 
     def run(self, embeddings: np.ndarray, mask: np.ndarray, pool: np.ndarray) -> np.ndarray:
         # The host's matmuls (the split attention's scores and weights x V, pooling, the
         # Dense head) are small and sit between interpreter calls whose threads are still
         # spinning: with BLAS threads on top, a 64-token call took 7.0 s instead of 0.86 s
         # on a loaded 2-core machine (1.8 ms per layer's products single-threaded, 77 ms
-        # multi-threaded). threadpoolctl caps the BLAS pool for the call only.
+        # multi-threaded; a one-off timing script, 2026-12-07). threadpoolctl caps the
+        # BLAS pool for the call only.
         with self._blas.limit(limits=1, user_api="blas"):
             return self._run(embeddings, mask, pool)
 
@@ -109,15 +106,15 @@ class SegmentRunner:
         n = self.per_layer
         for i in range(len(h["attn_in"])):
             mlp = self.segments[n * i + n - 1]
-            o = self.attend(i, _rms(x, eps) / h["attn_in"][i], mask).reshape(x.shape)
-            x = x + _rms(o * h["attn_out"][i], eps) * h["post_attn_gain"][i]
+            o = self.attend(i, rms(x, eps) / h["attn_in"][i], mask).reshape(x.shape)
+            x = x + rms(o * h["attn_out"][i], eps) * h["post_attn_gain"][i]
             # [C] output scales, or [G, C]: the segment returns G partials (the two
             # ranges of the GELU product) that are added here in float
             ff_out = h["ff_out"][i].reshape(-1, 1, x.shape[-1])
-            m = (mlp(_rms(x, eps) / h["ff_in"][i]).reshape(len(ff_out), *x.shape)
+            m = (mlp(rms(x, eps) / h["ff_in"][i]).reshape(len(ff_out), *x.shape)
                  * ff_out).sum(0)
-            x = x + _rms(m, eps) * h["post_ff_gain"][i]
-        x = _rms(x, eps) * h["final_gain"]
+            x = x + rms(m, eps) * h["post_ff_gain"][i]
+        x = rms(x, eps) * h["final_gain"]
         pooled = pool[0] @ x
         if int(h["dense_mean"]):
             pooled = pooled / np.maximum(pool[0].sum(-1, keepdims=True), 1e-9)

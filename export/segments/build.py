@@ -24,7 +24,7 @@ from ..encoder import EncoderCore
 from ..quantize import RangeFn
 from .calibration import measure_scales, segment_inputs
 from .graph import SegmentTemplate, build_template, fill_checked, template_key
-from .host import check_float, graph_parts, layer_segments, part_feeds
+from .host import check_float, graph_parts, layer_attention, layer_segments, part_feeds
 from .modules import LayerScales
 from .recipe import DEFAULT_RECIPE, SegmentRecipe
 from .split_attention import host_attention_constants
@@ -74,12 +74,10 @@ def host_constants(core: EncoderCore, scales: Sequence[LayerScales]) -> dict[str
     }
     if any(s.host_attention_upto for s in scales):
         spec = core.spec
-        sliding = [t == "sliding_attention" for t in spec.layer_types]
+        attention = [layer_attention(spec, i) for i in range(len(core.layers))]
         out.update(host_attention_constants(
-            list(core.layers), list(scales),
-            [spec.rope_theta_local if s else spec.rope_theta_global for s in sliding],
-            [spec.window_radius if s else 0 for s in sliding]))
-        out["v_abs"] = np.stack([s.v_abs for s in scales])
+            list(core.layers), list(scales), [theta for _, theta in attention],
+            [spec.window_radius if sliding else 0 for sliding, _ in attention]))
     for i, dense in enumerate(core.dense):
         out[f"dense_{i}_weight"] = f32(dense.weight)
         if dense.bias is not None:

@@ -18,7 +18,7 @@ from torch import nn
 from gemma_edge.errors import QuantizationError
 
 from ..coral_ops import DEFAULT_MAX_PRODUCT
-from ..encoder import BucketEncoder, EncoderCore
+from ..encoder import BucketEncoder, EncoderCore, EncoderSpec
 from .modules import AttentionSegment, LayerScales, MlpSegment, _t
 from .split_attention import QKV, SplitAttentionSegment
 
@@ -87,8 +87,7 @@ def layer_segments(core: EncoderCore, seq_len: int, scales: Sequence[LayerScales
     spec = core.spec
     out = []
     for i, layer in enumerate(core.layers):
-        sliding = spec.layer_types[i] == "sliding_attention"
-        theta = spec.rope_theta_local if sliding else spec.rope_theta_global
+        sliding, theta = layer_attention(spec, i)
         attn: nn.Module
         if seq_len <= scales[i].host_attention_upto:
             attn = SplitAttentionSegment(layer, seq_len, sliding, spec.window_radius, theta,
@@ -98,6 +97,12 @@ def layer_segments(core: EncoderCore, seq_len: int, scales: Sequence[LayerScales
                                     scales[i], max_product)
         out.append((attn.eval(), MlpSegment(layer, scales[i]).eval()))
     return out
+
+
+def layer_attention(spec: EncoderSpec, layer: int) -> tuple[bool, float]:
+    """(sliding window?, RoPE base) of one layer's attention."""
+    sliding = spec.layer_types[layer] == "sliding_attention"
+    return sliding, spec.rope_theta_local if sliding else spec.rope_theta_global
 
 
 def graph_parts(pair: tuple[nn.Module, MlpSegment]) -> list[tuple[str, nn.Module]]:

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..coral_ops import apply_conv, conv1x1
+from ..coral_ops import apply_conv, conv1x1, rms, rotate_half
 from ..encoder import DEFAULT_MASK_PENALTY, EncoderLayer, band_bias, rope_for_heads
 from .modules import LayerScales, _t
 
@@ -110,16 +110,15 @@ class SplitAttentionSegment(nn.Module):
         x = qkv.reshape(seq, -1).double() * self.u
         q = x[:, :heads * hd].reshape(seq, heads, hd).transpose(0, 1)      # [H, T, D]
         k, v = x[:, heads * hd:(heads + 1) * hd], x[:, (heads + 1) * hd:]   # [T, D]
-        q = self._rope(_rms(q, self.eps) * self.q_gain)
-        k = self._rope(_rms(k, self.eps) * self.k_gain)
+        q = self._rope(rms(q, self.eps) * self.q_gain)
+        k = self._rope(rms(k, self.eps) * self.k_gain)
         bias = (mask.reshape(seq, seq).double() - 1.0) * DEFAULT_MASK_PENALTY + self.band
         probs = torch.softmax(q @ k.T + bias, dim=-1)                      # [H, T, T]
         o = (probs @ v).transpose(0, 1).reshape(seq, heads * hd)
         return (o / self.s_o).float().reshape(1, 1, seq, heads * hd)
 
     def _rope(self, x: torch.Tensor) -> torch.Tensor:
-        half = self.hd // 2
-        return x * self.cos + torch.cat([x[..., half:], x[..., :half]], dim=-1) * self.sin
+        return x * self.cos + rotate_half(x) * self.sin  # sin carries rotate_half's sign
 
     def forward(self, a: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         return self.out(self.core(self.qkv(a), mask))
@@ -130,22 +129,18 @@ class SplitAttentionSegment(nn.Module):
         return out_fn(self.core(qkv_fn(a), mask))
 
 
-def _rms(x: torch.Tensor, eps: float) -> torch.Tensor:
-    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
-
-
 def host_attention_constants(layers: list[EncoderLayer], scales: list[LayerScales],
                              rope_thetas: list[float], windows: list[int]) -> dict[str, np.ndarray]:
     """What the device's host core needs besides host.npz's other constants (float32):
-    the q/k norm gains, the qkv divisors, RoPE's base and the sliding window per layer
-    (0: global attention)."""
+    the q/k norm gains, V's channel absmax (with q_scale and k_scale the qkv segment's
+    divisors), RoPE's base and the sliding window per layer (0: global attention)."""
     def f32(t: torch.Tensor) -> np.ndarray:
         return t.detach().double().numpy().astype(np.float32)
 
     return {
         "q_norm_gain": np.stack([f32(layer.q_norm.gain) for layer in layers]),
         "k_norm_gain": np.stack([f32(layer.k_norm.gain) for layer in layers]),
-        "qkv_absmax": np.stack([f32(qkv_absmax(s)) for s in scales]),
+        "v_abs": np.stack([np.asarray(s.v_abs, np.float32) for s in scales]),
         "rope_theta": np.asarray(rope_thetas, np.float32),
         "window_radius": np.asarray(windows, np.int32),
         "num_heads": np.int32(layers[0].num_heads),
