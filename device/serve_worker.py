@@ -200,8 +200,9 @@ class EmbeddingWorker:
         """Vectors [n, D] and the tokens of each text as embedded (truncation included)."""
         with self._lock:
             self.stats["batches"] += 1
+        # tokenised once here (the counts are the response's usage), not again in encode()
         ids, _ = self.embedder.tokenizer.encode(texts, self.embedder.max_tokens)
-        vectors = self.embedder.encode(texts, prompt="")
+        vectors = self.embedder.embed_ids(ids)
         if not np.all(np.isfinite(vectors)):
             raise FloatingPointError("the model returned non-finite numbers; the artifacts "
                                      "are damaged: copy or export them again")

@@ -28,7 +28,7 @@ from gemma_edge.device.serve import ServeOptions, create_app  # noqa: E402
 
 
 class CountingEmbedder:
-    """The real Embedder, counting ``encode`` calls; ``gate`` (when set up) holds each
+    """The real Embedder, counting model calls (``encode``, ``embed_ids``); ``gate`` (when set up) holds each
     call until released, so tests can keep the worker busy on purpose."""
 
     def __init__(self, embedder: Any):
@@ -40,12 +40,19 @@ class CountingEmbedder:
     def __getattr__(self, name: str) -> Any:
         return getattr(self._embedder, name)
 
-    def encode(self, *args: Any, **kwargs: Any) -> np.ndarray:
+    def _enter(self) -> None:
         self.encode_calls += 1
         self.entered.set()
         if self.gate is not None:
             assert self.gate.wait(30), "test gate never opened"
+
+    def encode(self, *args: Any, **kwargs: Any) -> np.ndarray:  # the worker's warm-up
+        self._enter()
         return self._embedder.encode(*args, **kwargs)
+
+    def embed_ids(self, *args: Any, **kwargs: Any) -> np.ndarray:  # the worker's batches
+        self._enter()
+        return self._embedder.embed_ids(*args, **kwargs)
 
 
 @pytest.fixture(scope="module")
@@ -320,3 +327,25 @@ def test_parser_does_not_import_the_server_stack() -> None:
             "print(sorted(m for m in ('starlette', 'uvicorn') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_serve_bench_reports_one_by_one_the_bound_and_the_server(tiny_artifacts: Path,
+                                                                 tmp_path: Path) -> None:
+    """`gemma-edge serve-bench` end to end on the tiny export: every pass embeds every query,
+    none fails, the server's vectors are the one-by-one ones, the JSON has the bound."""
+    queries = tmp_path / "queries.txt"
+    queries.write_text("".join(f"how do I flash board number {i}?\n" for i in range(12)))
+    report = tmp_path / "serve-bench.json"
+    run = subprocess.run([sys.executable, "-m", "gemma_edge.cli", "serve-bench",
+                          str(tiny_artifacts), "--queries", str(queries), "--clients", "4",
+                          "--rounds", "2", "--json", str(report)],
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "batches of 4, no HTTP" in run.stdout and "the graphs' bound" in run.stdout
+    got = json.loads(report.read_text())
+    for row in ("one_by_one", "batched_in_process", "server"):
+        assert got[row]["requests"] == 24 and got[row]["failures"] == 0, row
+        assert got[row]["req_per_s"] > 0, row
+    assert got["batching_bound"] > 0 and got["speedup"] > 0
+    assert got["pack_tokens"] == 64  # the tiny export's largest bucket (below 128)
+    assert got["min_cosine_server_vs_direct"] > 0.99
