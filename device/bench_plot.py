@@ -1,4 +1,5 @@
-"""Draw a ``gemma-edge bench`` report: latency per bucket and the query latency distribution."""
+"""Draw ``gemma-edge bench`` (latency per bucket, query latency distribution) and
+``gemma-edge serve-bench`` reports (latency distributions and rates of its passes)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from typing import Any
 from gemma_edge.errors import InputError
 
 
-def plot_report(report: dict[str, Any], path: Path) -> None:
+def _pyplot() -> Any:
     try:
         import matplotlib
 
@@ -16,6 +17,11 @@ def plot_report(report: dict[str, Any], path: Path) -> None:
         import matplotlib.pyplot as plt
     except ImportError as exc:
         raise InputError("--plot needs matplotlib (pip install matplotlib)") from exc
+    return plt
+
+
+def plot_report(report: dict[str, Any], path: Path) -> None:
+    plt = _pyplot()
     from gemma_edge.reporting import save_figure
 
     results = report["results"]
@@ -60,5 +66,47 @@ def plot_report(report: dict[str, Any], path: Path) -> None:
     right.legend()
     cpu = report.get("machine", {}).get("cpu", "")
     fig.suptitle(f"gemma-edge bench - {cpu}", fontsize=9)
+    fig.tight_layout()
+    save_figure(fig, path)
+
+
+SERVE_PASSES = (("one_by_one", "one by one"), ("batched_in_process", "batches of N, no HTTP"),
+                ("server", "server, N clients"))
+
+
+def plot_serve_report(report: dict[str, Any], path: Path) -> None:
+    """Left: each pass's per-request latency as a cumulative distribution (log time);
+    right: its requests/s, the one-by-one rate and twice it marked."""
+    plt = _pyplot()
+    import numpy as np
+
+    from gemma_edge.reporting import save_figure
+
+    clients = report["clients"]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
+    names, rates = [], []
+    for key, label in SERVE_PASSES:
+        row = report[key]
+        label = label.replace("N", str(clients))
+        ms = np.sort(np.asarray(row["latencies_ms"], dtype=float))
+        left.plot(ms, np.arange(1, len(ms) + 1) / max(len(ms), 1), label=label)
+        names.append(label)
+        rates.append(row["req_per_s"])
+    left.set_xscale("log")
+    left.set_xlabel("latency per request, ms")
+    left.set_ylabel("fraction of requests")
+    left.set_title("Latency distribution")
+    left.grid(True, which="both", alpha=0.3)
+    left.legend()
+    right.bar(range(len(rates)), rates, color=["tab:blue", "tab:orange", "tab:green"])
+    one = report["one_by_one"]["req_per_s"]
+    right.axhline(one, color="gray", linestyle=":", label="one by one")
+    right.axhline(2 * one, color="gray", linestyle="--", label="2x one by one")
+    right.set_xticks(range(len(names)))
+    right.set_xticklabels(names)
+    right.set_ylabel("requests / s")
+    right.set_title(f"Throughput ({report['queries']} queries x {report['rounds']} rounds, "
+                    f"{report['backend']} {report['graph_role']})")
+    right.legend()
     fig.tight_layout()
     save_figure(fig, path)

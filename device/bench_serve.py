@@ -158,7 +158,8 @@ def summarise(passes: List[Dict[str, Any]]) -> Dict[str, Any]:
             "req_per_s": round(requests / wall, 2) if wall > 0 else float("nan"),
             "p50_ms": round(float(np.percentile(ms, 50)), 1),
             "p99_ms": round(float(np.percentile(ms, 99)), 1),
-            "failures": sum(len(p["failures"]) for p in passes)}
+            "failures": sum(len(p["failures"]) for p in passes),
+            "latencies_ms": [round(float(t), 2) for t in ms]}
 
 
 def run_bench(args: argparse.Namespace) -> int:
@@ -222,8 +223,9 @@ def run_bench(args: argparse.Namespace) -> int:
           f"graphs' bound: {report['batching_bound']:.2f}x); server mean batch "
           f"{report['server_mean_batch']} texts; min cosine server vs one-by-one "
           f"{report['min_cosine_server_vs_direct']}")
-    if args.json:
-        from gemma_edge.atomic_files import atomic_write_json
+    from gemma_edge.reporting import save_report
 
-        atomic_write_json(args.json, report)
+    from .bench_plot import plot_serve_report
+
+    save_report(report, args.json, args.plot, plot_serve_report)
     return 1 if many["failures"] else 0

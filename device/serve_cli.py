@@ -70,6 +70,8 @@ def register(subparsers: Any) -> None:
     b.add_argument("--pack-tokens", type=int, default=None,
                    help="passed to the server (gemma-edge serve --pack-tokens)")
     b.add_argument("--json", type=Path, default=None, help="also write the figures here")
+    b.add_argument("--plot", type=Path, default=None,
+                   help="also draw the latency distributions and rates here (PNG)")
     _add_runtime_args(b)
     b.set_defaults(func=run_serve_bench)
 

@@ -335,17 +335,18 @@ def test_serve_bench_reports_one_by_one_the_bound_and_the_server(tiny_artifacts:
     none fails, the server's vectors are the one-by-one ones, the JSON has the bound."""
     queries = tmp_path / "queries.txt"
     queries.write_text("".join(f"how do I flash board number {i}?\n" for i in range(12)))
-    report = tmp_path / "serve-bench.json"
+    report, plot = tmp_path / "serve-bench.json", tmp_path / "serve-bench.png"
     run = subprocess.run([sys.executable, "-m", "gemma_edge.cli", "serve-bench",
                           str(tiny_artifacts), "--queries", str(queries), "--clients", "4",
-                          "--rounds", "2", "--json", str(report)],
+                          "--rounds", "2", "--json", str(report), "--plot", str(plot)],
                          capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-2000:]
     assert "batches of 4, no HTTP" in run.stdout and "the graphs' bound" in run.stdout
     got = json.loads(report.read_text())
     for row in ("one_by_one", "batched_in_process", "server"):
         assert got[row]["requests"] == 24 and got[row]["failures"] == 0, row
-        assert got[row]["req_per_s"] > 0, row
+        assert got[row]["req_per_s"] > 0 and len(got[row]["latencies_ms"]) == 24, row
     assert got["batching_bound"] > 0 and got["speedup"] > 0
     assert got["pack_tokens"] == 64  # the tiny export's largest bucket (below 128)
     assert got["min_cosine_server_vs_direct"] > 0.99
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
