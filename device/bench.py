@@ -315,7 +315,9 @@ def edgetpu_estimate(artifacts: Path, manifest: dict[str, Any]) -> Optional[dict
 def run(args: argparse.Namespace) -> int:
     from gemma_edge.graph_entries import PRECISION_ROLE
     from gemma_edge.manifest import graphs_for_role, load_manifest
+    from gemma_edge.reporting import check_report_paths
 
+    check_report_paths(args.json, args.plot)
     manifest = load_manifest(args.artifacts)
     wanted = args.precisions.split(",")
     precisions = [p for p in wanted if graphs_for_role(manifest, PRECISION_ROLE.get(p, p))]

@@ -161,4 +161,7 @@ def run_serve_bench(args: argparse.Namespace) -> int:
     _import_stack()
     if args.clients < 1 or args.rounds < 1:
         raise InputError("--clients and --rounds must be >= 1")
+    from gemma_edge.reporting import check_report_paths
+
+    check_report_paths(args.json, args.plot)
     return run_bench(args)

@@ -304,10 +304,11 @@ def sensitivity(checkpoint_dir: Path, art_dir: Path, precision: str, seq_len: in
 
 def run(args: argparse.Namespace) -> int:
     from gemma_edge.errors import InputError, VerificationError
-    from gemma_edge.reporting import save_report
+    from gemma_edge.reporting import check_report_paths, save_report
 
     from .checkpoint import resolve_checkpoint
 
+    check_report_paths(args.json, args.plot)
     if args.fail_below is not None and not 0.0 < args.fail_below <= 1.0:
         raise InputError(f"--fail-below {args.fail_below}: a cosine in (0, 1], e.g. 0.97")
     if args.short_every < 1:

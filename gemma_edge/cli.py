@@ -9,7 +9,6 @@ with its code; anything else is a bug and keeps its traceback.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
@@ -164,18 +163,12 @@ def _run_embed(args: argparse.Namespace) -> int:
     import numpy as np
 
     from .atomic_files import atomic_write_npy
+    from .reporting import check_output_file
 
     texts = read_texts(args.input)
     if not texts:
         raise InputError(f"{args.input}: no texts")
-    if args.output.is_dir():
-        raise InputError(f"{args.output}: is a directory; --output takes a file path ending in .npy")
-    if args.output.suffix != ".npy":
-        raise InputError(f"{args.output}: the output must end in .npy")
-    parent = next((p for p in args.output.absolute().parents if p.exists()), None)
-    if parent is not None and not (parent.is_dir() and os.access(parent, os.W_OK | os.X_OK)):
-        raise InputError(f"{args.output}: cannot write there ({parent} is not a writable "
-                         "folder); pass another --output")
+    check_output_file(args.output, "--output", ".npy")
     emb = make_embedder(args)
     prompt_name = None if args.prompt == "none" else args.prompt
     from tqdm.auto import tqdm

@@ -2,10 +2,36 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any, Callable, Optional
 
 from .atomic_files import atomic_write_json
+from .errors import InputError
+
+
+def check_output_file(path: Optional[Path], flag: str, suffix: Optional[str] = None) -> None:
+    """Refuse, before any work, an output path that cannot be written: a directory, a
+    wrong suffix, or a path whose nearest existing parent is not a writable folder (a
+    benchmark or an evaluation must not run for minutes and then fail to save)."""
+    if path is None:
+        return
+    path = Path(path)
+    if path.is_dir():
+        raise InputError(f"{flag} {path}: is a directory; pass a file path"
+                         + (f" ending in {suffix}" if suffix else ""))
+    if suffix and path.suffix.lower() != suffix:
+        raise InputError(f"{flag} {path}: the file name must end in {suffix}")
+    parent = next((p for p in path.absolute().parents if p.exists()), None)
+    if parent is not None and not (parent.is_dir() and os.access(parent, os.W_OK | os.X_OK)):
+        raise InputError(f"{flag} {path}: cannot write there ({parent} is not a writable "
+                         f"folder); pass another {flag}")
+
+
+def check_report_paths(json_path: Optional[Path], plot_path: Optional[Path]) -> None:
+    """``check_output_file`` for a command's --json and --plot."""
+    check_output_file(json_path, "--json")
+    check_output_file(plot_path, "--plot", ".png")
 
 
 def save_report(report: dict[str, Any], json_path: Optional[Path], plot_path: Optional[Path],

@@ -361,5 +361,5 @@ def test_cli_output_that_is_a_directory(tmp_path, capsys):
         code = main(["embed", "--artifacts", str(tmp_path), "--input", str(tmp_path / "in.txt"),
                      "--output", str(out)])
         err = capsys.readouterr().err.strip().splitlines()[-1]
-        assert code == 2 and err == (f"gemma-edge embed: error: {out}: is a directory; --output "
-                                     "takes a file path ending in .npy")
+        assert code == 2 and err == (f"gemma-edge embed: error: --output {out}: is a directory; "
+                                     "pass a file path ending in .npy")
