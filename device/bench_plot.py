@@ -92,12 +92,17 @@ def plot_serve_report(report: dict[str, Any], path: Path) -> None:
         left.plot(ms, np.arange(1, len(ms) + 1) / max(len(ms), 1), label=label)
         names.append(label)
         rates.append(row["req_per_s"])
+    from matplotlib.ticker import LogLocator, NullFormatter, ScalarFormatter
+
     left.set_xscale("log")
-    left.set_xlabel("latency per request, ms")
+    left.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+    left.xaxis.set_major_formatter(ScalarFormatter())
+    left.xaxis.set_minor_formatter(NullFormatter())
+    left.set_xlabel("latency per request, ms (log scale)")
     left.set_ylabel("fraction of requests")
     left.set_title("Latency distribution")
     left.grid(True, which="both", alpha=0.3)
-    left.legend()
+    left.legend(loc="lower right")
     right.bar(range(len(rates)), rates, color=["tab:blue", "tab:orange", "tab:green"])
     one = report["one_by_one"]["req_per_s"]
     right.axhline(one, color="gray", linestyle=":", label="one by one")
