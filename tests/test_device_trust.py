@@ -83,7 +83,7 @@ def edit_manifest(art: Path, change) -> None:
     ("encoder_int8_all.tflite", "int8", None),     # CompiledModel path: the one-file export
     ("encoder_int8_16.tflite", "int8", False),     # Interpreter path: per-bucket files
     ("edgetpu/attn_qkv_32_01.tflite", "full-int8", None),
-    ("edgetpu/host_32.npz", "full-int8", None),
+    ("edgetpu/host.npz", "full-int8", None),
     ("tokenizer.json", "int8", None),
 ])
 def test_a_flipped_byte_in_any_file_is_refused(art, name, precision, weight_cache):

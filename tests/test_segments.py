@@ -95,13 +95,6 @@ def test_export_writes_fully_int8_segments_the_embedder_runs(tiny_checkpoint, tm
     assert graph["float_min_cosine"] >= 0.99999  # the rewrite checked in float first
     assert "full-int8" in manifest["verification"]
     load_manifest(out, verify_hashes=True)  # every segment file is listed and hashed
-    # each bucket's host constants, its channel scales measured on its own samples
-    assert [find_graph(manifest, "edgetpu", t)["path"] for t in (16, 32)] == [
-        "edgetpu/host_16.npz", "edgetpu/host_32.npz"]
-    with np.load(out / "edgetpu/host_16.npz") as h16, np.load(out / "edgetpu/host_32.npz") as h32:
-        assert h16["q_scale"].shape == h32["q_scale"].shape
-        assert not np.allclose(h16["q_scale"], h32["q_scale"])
-        assert int(h16["host_attention_upto"][0]) == 16 and "v_abs" in h16
     assert all(name in manifest["files"] for name in graph["segments"])
 
     for name in graph["segments"][:2]:  # one attention, one MLP segment
@@ -183,7 +176,7 @@ def test_segmented_runner_explains_broken_artifacts(tiny_artifacts, tmp_path):
     (tmp_path / graph["path"]).write_bytes(b"not an npz")
     for name in graph["segments"]:
         shutil.copy(tiny_artifacts / name, tmp_path / name)
-    with pytest.raises(ArtifactError, match=rf"host_{BUCKET}\.npz: cannot read the segment constants"):
+    with pytest.raises(ArtifactError, match="host.npz: cannot read the segment constants"):
         SegmentRunner(tmp_path, GraphEntry.from_json(graph), BUCKET, never_opened)
 
 

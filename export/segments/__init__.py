@@ -50,7 +50,7 @@ The package, in the order the export uses it:
 - ``calibration``: ``measure_scales`` and each segment's calibration inputs;
 - ``graph``: the float TFLite graph of a segment, converted or filled into a template;
 - ``build``: ``SegmentBuild``, the worker processes that quantise every segment, and the
-  files (segment graphs, each bucket's ``host_<T>.npz``);
+  files (segment graphs, ``host.npz``);
 - ``sensitivity``: each int8 segment of an export against its float one
   (``gemma-edge eval --sensitivity``).
 """
@@ -58,11 +58,11 @@ The package, in the order the export uses it:
 from __future__ import annotations
 
 from .build import (
+    HOST_FILE,
     SEGMENT_DIR,
     SegmentBuild,
     build_segmented,
     host_constants,
-    host_file,
     quantize_float_segment,
     quantize_segment,
     scales_from_host,
@@ -86,7 +86,7 @@ from .recipe import DEFAULT_RECIPE, SegmentRecipe
 from .split_attention import SplitAttentionSegment
 
 __all__ = [
-    "DEFAULT_RECIPE", "FLOAT_EQUALITY", "SEGMENT_DIR", "host_file", "AttentionSegment", "LayerScales",
+    "DEFAULT_RECIPE", "FLOAT_EQUALITY", "HOST_FILE", "SEGMENT_DIR", "AttentionSegment", "LayerScales",
     "MlpSegment", "SegmentBuild", "SegmentRecipe", "build_segmented", "build_template",
     "SplitAttentionSegment", "check_float", "fill_checked", "float_segment", "graph_parts",
     "host_constants", "host_forward", "layer_segments", "measure_scales", "part_feeds",
