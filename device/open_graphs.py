@@ -79,7 +79,7 @@ class OpenGraphs:
     # -- what is open ----------------------------------------------------------------------
     @property
     def open_files(self) -> list[str]:
-        """The open graph files, least recently used first (a bucket's segments: "edgetpu/host_<T>.npz#T")."""
+        """The open graph files, least recently used first (a bucket's segments: "host.npz#T")."""
         return list(self._files)
 
     @property
