@@ -201,17 +201,23 @@ def mark_int4(module: torch.nn.Linear) -> None:
     module.__class__ = Int4Linear
 
 
-def mixed_recipe(int4_regex: str = INT4_REGEX) -> list:
+def mixed_recipe(int4_regex: str = INT4_REGEX, hadamard: bool = False) -> list:
     """ai-edge-quantizer recipe: dynamic int8 per-channel weights everywhere (the shipped
     CPU graph's ``dynamic_wi8_afp32``), dynamic int4 per-channel on the ops whose names
-    match ``int4_regex`` (the later rule wins)."""
+    match ``int4_regex`` (the later rule wins): its min/max grid (round to nearest, which
+    GPTQ's codes are written on), or with ``hadamard`` its decomposed Hadamard rotation
+    (``dynamic_wi4c_hr_afp32``: weights rotated offline with OCTAV clipping, the inputs'
+    rotation inserted into the graph)."""
     from ai_edge_quantizer import qtyping, recipe_manager
+    from ai_edge_quantizer.algorithm_manager import AlgorithmName
 
     rp = recipe_manager.RecipeManager()
     rp.add_dynamic_config(regex=".*", operation_name=qtyping.TFLOperationName.ALL_SUPPORTED,
                           num_bits=8)
-    rp.add_dynamic_config(regex=int4_regex,
-                          operation_name=qtyping.TFLOperationName.FULLY_CONNECTED, num_bits=4)
+    rp.add_dynamic_config(
+        regex=int4_regex, operation_name=qtyping.TFLOperationName.FULLY_CONNECTED, num_bits=4,
+        algorithm_key=(AlgorithmName.DECOMPOSED_HADAMARD_ROTATION if hadamard
+                       else AlgorithmName.MIN_MAX_UNIFORM_QUANT))
     return rp.get_quantization_recipe()
 
 

@@ -74,7 +74,9 @@ def build(checkpoint: str, art_dir: Path, codes_path: Path, out: Path) -> dict[s
             "convert_seconds": convert_s, "quantise_seconds": quant_s, **check}
 
 
-def quantize_mixed(float_model: bytes) -> bytes:
+def quantize_mixed(float_model: bytes, recipe: list | None = None) -> bytes:
+    """``float_model`` quantised with ``recipe`` (default ``mixed_recipe()``: int4 on the
+    marked ``Int4Linear`` ops), the quantiser's own printing kept quiet."""
     import contextlib
     import io
 
@@ -83,7 +85,7 @@ def quantize_mixed(float_model: bytes) -> bytes:
     from gemma_edge.export.gptq import mixed_recipe
 
     qt = quantizer.Quantizer(bytearray(float_model))
-    qt.load_quantization_recipe(mixed_recipe())
+    qt.load_quantization_recipe(recipe if recipe is not None else mixed_recipe())
     sink = io.StringIO()
     with contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink):
         return bytes(qt.quantize(None, enable_progress_report=False).quantized_model)
@@ -133,38 +135,13 @@ def linear_regex(layers: Sequence[int], kinds: Sequence[str] = ("mlp",)) -> str:
     return rf"\bEncoderLayer_(?:{ids})/torch\.nn\.modules\.linear\.Linear_(?:{'|'.join(names)});"
 
 
-def hadamard_recipe(regex: str, hadamard: bool = True) -> list:
-    """Dynamic int8 per-channel weights everywhere (as shipped), then (the later rule
-    wins) dynamic int4 per-channel on the FULLY_CONNECTED ops matching ``regex``, with
-    ai-edge-quantizer's decomposed Hadamard rotation (``dynamic_wi4c_hr_afp32``: weights
-    rotated offline, OCTAV clipping; the input's rotation inserted into the graph) or,
-    ``hadamard=False``, its plain min/max (the converter's round to nearest)."""
-    from ai_edge_quantizer import qtyping, recipe_manager
-    from ai_edge_quantizer.algorithm_manager import AlgorithmName
-
-    rp = recipe_manager.RecipeManager()
-    rp.add_dynamic_config(regex=".*", operation_name=qtyping.TFLOperationName.ALL_SUPPORTED,
-                          num_bits=8)
-    rp.add_dynamic_config(
-        regex=regex, operation_name=qtyping.TFLOperationName.FULLY_CONNECTED, num_bits=4,
-        algorithm_key=(AlgorithmName.DECOMPOSED_HADAMARD_ROTATION if hadamard
-                       else AlgorithmName.MIN_MAX_UNIFORM_QUANT))
-    return rp.get_quantization_recipe()
-
-
 def quantize_graph(float_model: bytes, layers: Sequence[int], kinds: Sequence[str] = ("mlp",),
                    hadamard: bool = True) -> bytes:
-    """``float_model`` quantised with ``hadamard_recipe`` on these layers' linears."""
-    import contextlib
-    import io
+    """``float_model`` quantised with ``mixed_recipe`` on these layers' linears: int4 with
+    the Hadamard rotation, or (``hadamard=False``) the plain min/max grid."""
+    from gemma_edge.export.gptq import mixed_recipe
 
-    from ai_edge_quantizer import quantizer
-
-    qt = quantizer.Quantizer(bytearray(float_model))
-    qt.load_quantization_recipe(hadamard_recipe(linear_regex(layers, kinds), hadamard))
-    sink = io.StringIO()
-    with contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink):
-        return bytes(qt.quantize(None, enable_progress_report=False).quantized_model)
+    return quantize_mixed(float_model, mixed_recipe(linear_regex(layers, kinds), hadamard))
 
 
 def graph_ops(model: bytes, regex: str | None = None) -> dict[str, Any]:
@@ -216,7 +193,7 @@ def graph_ops(model: bytes, regex: str | None = None) -> dict[str, Any]:
 def quantize_float(art_dir: Path, float_graph: Path | None, layers: Sequence[int],
                    kinds: Sequence[str], hadamard: bool, out: Path) -> dict[str, Any]:
     """The float export's multi-signature graph (no torch conversion) quantised with
-    ``hadamard_recipe`` on these layers' linears; the selection proved by counting."""
+    ``mixed_recipe`` on these layers' linears; the selection proved by counting."""
     src = float_graph or art_dir / "encoder_float.tflite"
     regex = linear_regex(layers, kinds)
     float_model = src.read_bytes()
