@@ -79,6 +79,7 @@ def plot_serve_report(report: dict[str, Any], path: Path) -> None:
     right: its requests/s, the one-by-one rate and twice it marked."""
     plt = _pyplot()
     import numpy as np
+    from matplotlib.ticker import LogLocator, NullFormatter, ScalarFormatter
 
     from gemma_edge.reporting import save_figure
 
@@ -92,8 +93,6 @@ def plot_serve_report(report: dict[str, Any], path: Path) -> None:
         left.plot(ms, np.arange(1, len(ms) + 1) / max(len(ms), 1), label=label)
         names.append(label)
         rates.append(row["req_per_s"])
-    from matplotlib.ticker import LogLocator, NullFormatter, ScalarFormatter
-
     left.set_xscale("log")
     left.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
     left.xaxis.set_major_formatter(ScalarFormatter())

@@ -143,9 +143,10 @@ def batched_pass(embedder: Any, queries: Sequence[str], batch: int) -> Dict[str,
     vectors: List[np.ndarray] = []
     started = time.perf_counter()
     for start in range(0, len(queries), batch):
+        group = list(queries[start:start + batch])
         t0 = time.perf_counter()
-        vectors.extend(embedder.encode_query(list(queries[start:start + batch])))
-        latencies.extend([time.perf_counter() - t0] * len(queries[start:start + batch]))
+        vectors.extend(embedder.encode_query(group))
+        latencies.extend([time.perf_counter() - t0] * len(group))
     return {"wall_s": time.perf_counter() - started, "latencies": latencies,
             "vectors": vectors, "failures": []}
 

@@ -177,6 +177,20 @@ class Embedder:
             runs.append((self.bucket_for(sum(lengths[i] for i in members)), members))
         return runs
 
+    def tokenize(self, texts: Sequence[str]) -> list[list[int]]:
+        """Token ids of ``texts`` (prompts already in them), cut to the largest bucket with a
+        warning naming how many were cut: what ``encode`` embeds."""
+        t0 = time.perf_counter()
+        ids, truncated = self.tokenizer.encode(texts, self.max_tokens)
+        self.stage_seconds["tokenize"] += time.perf_counter() - t0
+        if any(truncated):
+            longest = max([int(b) for b in self.manifest.get("buckets", [])] or [0])
+            hint = (f" (the {self.graph_role} graphs stop there; precision 'int8' or 'float' "
+                    f"takes up to {longest})" if longest > self.max_tokens else "")
+            log.warning("%d of %d texts exceed %d tokens and were truncated%s",
+                        sum(truncated), len(texts), self.max_tokens, hint)
+        return ids
+
     def embed_ids(self, token_ids: Sequence[Sequence[int]]) -> np.ndarray:
         """Full-dimension embeddings [n, D] for already tokenised texts."""
         out = np.zeros((len(token_ids), self.output_dim), dtype=np.float32)
@@ -243,17 +257,7 @@ class Embedder:
             prompt = self.prompts[prompt_name]
         if not texts:
             return np.zeros((0, dim), dtype=np.float32)
-        full = [(prompt or "") + t for t in texts]
-        t0 = time.perf_counter()
-        ids, truncated = self.tokenizer.encode(full, self.max_tokens)
-        self.stage_seconds["tokenize"] += time.perf_counter() - t0
-        if any(truncated):
-            longest = max([int(b) for b in self.manifest.get("buckets", [])] or [0])
-            hint = (f" (the {self.graph_role} graphs stop there; precision 'int8' or 'float' "
-                    f"takes up to {longest})" if longest > self.max_tokens else "")
-            log.warning("%d of %d texts exceed %d tokens and were truncated%s",
-                        sum(truncated), len(texts), self.max_tokens, hint)
-        vectors = self.embed_ids(ids)
+        vectors = self.embed_ids(self.tokenize([(prompt or "") + t for t in texts]))
         t1 = time.perf_counter()
         vectors = truncate_dim(vectors, dim)
         self.stage_seconds["post"] += time.perf_counter() - t1

@@ -200,8 +200,8 @@ class EmbeddingWorker:
         """Vectors [n, D] and the tokens of each text as embedded (truncation included)."""
         with self._lock:
             self.stats["batches"] += 1
-        # tokenised once here (the counts are the response's usage), not again in encode()
-        ids, _ = self.embedder.tokenizer.encode(texts, self.embedder.max_tokens)
+        # tokenised once (the counts are the response's usage), as encode() tokenises
+        ids = self.embedder.tokenize(texts)
         vectors = self.embedder.embed_ids(ids)
         if not np.all(np.isfinite(vectors)):
             raise FloatingPointError("the model returned non-finite numbers; the artifacts "

@@ -28,8 +28,8 @@ from gemma_edge.device.serve import ServeOptions, create_app  # noqa: E402
 
 
 class CountingEmbedder:
-    """The real Embedder, counting model calls (``encode``, ``embed_ids``); ``gate`` (when set up) holds each
-    call until released, so tests can keep the worker busy on purpose."""
+    """The real Embedder, counting model calls (``encode``, ``embed_ids``); ``gate`` (when
+    set up) holds each call until released, so tests can keep the worker busy on purpose."""
 
     def __init__(self, embedder: Any):
         self._embedder = embedder
